@@ -1,0 +1,3 @@
+# Hand-written (like fastai's own `all.py`): the public API in one import.
+from .data import *
+from .stats import *

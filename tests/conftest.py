@@ -1,0 +1,20 @@
+import os, sys, subprocess
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+@pytest.fixture(scope='session')
+def root(): return ROOT
+
+@pytest.fixture(scope='session')
+def docs_site():
+    "Build the docs site once per session; returns the list of pages"
+    sys.path.insert(0, str(ROOT/'tools'))
+    import build_docs
+    return build_docs.build()
+
+def run_py(code, cwd=ROOT, timeout=600, env=None):
+    "Run `code` in a fresh Python process; return the CompletedProcess"
+    return subprocess.run([sys.executable, '-c', code], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
