@@ -18,3 +18,16 @@ def run_py(code, cwd=ROOT, timeout=600, env=None):
     "Run `code` in a fresh Python process; return the CompletedProcess"
     return subprocess.run([sys.executable, '-c', code], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+def cli(*args, cwd=ROOT, timeout=900):
+    "Run the `deepstable` console script; return the CompletedProcess"
+    exe = Path(sys.executable).parent/'deepstable'
+    return subprocess.run([str(exe), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, 'MPLBACKEND': 'Agg'})
+
+@pytest.fixture(scope='session')
+def demo_report(tmp_path_factory):
+    "Run `deepstable demo --quick` once per session (README command (a)'s job); returns (process, report folder)"
+    out = tmp_path_factory.mktemp('demo')/'report'
+    r = cli('demo', '--quick', '--out', out)
+    return r, out

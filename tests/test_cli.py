@@ -1,0 +1,69 @@
+"The `deepstable` command as a user runs it: a subprocess, real files, exit codes."
+import json, time
+from pathlib import Path
+import numpy as np
+from conftest import cli
+
+def test_demo_quick(demo_report):
+    r, out = demo_report
+    assert r.returncode==0, r.stderr[-3000:]
+    s = json.loads((out/'summary.json').read_text())
+    runs = {o['name']:o for o in s['runs']}
+    assert list(runs)==['naive','kaiming','batchnorm','resblock']
+    naive = runs['naive']
+    assert naive['verdict']=='exploded' and naive['events'], naive['headline']
+    assert naive['events'][0]['layer'], 'the guard must name the layer'
+    assert runs['resblock']['accuracy']>=0.9 and runs['resblock']['verdict']=='trained'
+    assert all(o['finite_weights'] for o in s['runs'])
+    for f in ('report.html','summary.md'): assert (out/f).exists()
+    for o in s['runs']:
+        for p in o['figures']: assert (out/p).stat().st_size>1000, p
+
+def _two_class_folder(root):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c,(lo,hi) in enumerate([(0,100),(150,255)]):
+        d = root/f'class{c}'; d.mkdir(parents=True)
+        for i in range(24): Image.fromarray(rng.integers(lo, hi, (20,20,3), dtype=np.uint8)).save(d/f'{i}.png')
+    return root
+
+def test_train_on_handmade_folder(tmp_path):
+    src = _two_class_folder(tmp_path/'imgs')
+    r = cli('train', src, '--arch', 'resnet18', '--epochs', 1, '--size', 32, '--bs', 8, '--out', tmp_path/'rep')
+    assert r.returncode in (0,1), r.stderr[-3000:]
+    s = json.loads((tmp_path/'rep'/'summary.json').read_text())
+    assert s['runs'][0]['accuracy'] is not None and (tmp_path/'rep'/'report.html').exists()
+    assert (r.returncode==1)==bool(s['runs'][0]['events'])
+
+def test_train_on_digits_folder(tmp_path):
+    from deepstable_fastai.data import digits_folder
+    src = digits_folder(tmp_path/'cache')
+    r = cli('train', src, '--epochs', 1, '--size', 32, '--lr', 3e-3, '--out', tmp_path/'rep')
+    assert r.returncode in (0,1), r.stderr[-3000:]
+    s = json.loads((tmp_path/'rep'/'summary.json').read_text())
+    assert s['runs'][0]['accuracy']>0.5
+
+def test_bad_input_exits_2(tmp_path):
+    empty = tmp_path/'empty'; empty.mkdir()
+    broken = _two_class_folder(tmp_path/'broken')
+    (broken/'class0'/'0.png').write_bytes(b'not a png')
+    cases = {('train', tmp_path/'missing'): 'does not exist',
+             ('train', empty): 'no image files',
+             ('train', broken): 'cannot be read',
+             ('train', broken, '--arch', 'resnet9000'): '--arch',
+             ('check', 'resnet9000'): '--arch',
+             ('nope',): 'unknown command'}
+    for args,msg in cases.items():
+        r = cli(*args)
+        assert r.returncode==2, (args, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines)==1 and msg in lines[0] and 'Traceback' not in r.stderr, (args, r.stderr)
+
+def test_help_everywhere():
+    for sub in ([], ['demo'], ['train'], ['check']):
+        r = cli(*sub, '--help')
+        assert r.returncode==0 and 'usage' in r.stdout.lower(), (sub, r.stderr)
+
+def test_check_arch():
+    r = cli('check', 'resnet18', '--size', 32)
+    assert r.returncode in (0,1) and 'overall:' in r.stdout, r.stderr[-2000:]
