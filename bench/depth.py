@@ -1,0 +1,58 @@
+"How deep can `resblock_learner` go on the digits? Trains each depth x variant and prints a markdown table."
+import math, time, torch
+from fastcore.script import call_parse
+from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.schedule import *
+from fastai.metrics import accuracy
+from fastai.torch_core import set_seed
+from deepstable_fastai.data import digits_dls
+from deepstable_fastai.learner import resblock_learner
+
+VARIANTS = dict(zero=dict(zero_gamma=True), one=dict(zero_gamma=False), nobn=dict(bn=False))
+DESC = dict(zero='BN, gamma=0', one='BN, gamma=1', nobn='no BN')
+
+class NonFinite(Callback):
+    "Stop at the first non-finite loss or parameter and remember the iteration"
+    order = 90
+    def before_fit(self): self.at = None
+    def after_batch(self):
+        if not self.training: return
+        bad = not torch.isfinite(self.loss).item() or not all(torch.isfinite(p).all() for p in self.model.parameters())
+        if bad: self.learn.non_finite.at = self.train_iter; raise CancelFitException()
+
+def run(n_blocks, variant, epochs, lr, nf, bs, seed):
+    set_seed(seed)
+    dls = digits_dls(bs=bs)
+    t0 = time.time()
+    learn = resblock_learner(dls, n_blocks=n_blocks, nf=nf, metrics=accuracy, cbs=NonFinite(), **VARIANTS[variant])
+    t_build = time.time()-t0
+    with learn.no_bar(): init = learn.signal_check(plot=False).verdict
+    t0,c0 = time.time(),time.process_time()
+    with learn.no_bar(), learn.no_logging():
+        learn.fit_one_cycle(epochs, lr)
+        t_fit,c_fit = time.time()-t0,time.process_time()-c0
+        at = learn.non_finite.at
+        acc = learn.validate()[1] if at is None else float('nan')
+    ep_done = epochs if at is None else max(at,1)/len(dls.train)
+    return dict(blocks=n_blocks, variant=DESC[variant], init=init, nonfinite='none' if at is None else f'iter {at}',
+                acc=acc, s_epoch=t_fit/ep_done, cpu_epoch=c_fit/ep_done,
+                build_s=t_build, epochs=epochs)
+
+@call_parse
+def main(depths:str='10,100,1000', # comma-separated numbers of blocks
+         variants:str='zero,one,nobn', # from zero (gamma=0), one (gamma=1), nobn (no BatchNorm)
+         epochs:int=5, # epochs of fit_one_cycle
+         lr:float=1e-2, # max learning rate
+         nf:int=8, # width of the first stage
+         bs:int=64, # batch size
+         seed:int=0, # random seed
+         threads:int=1): # torch threads (1 avoids oversubscription on shared CPUs)
+    "Train `resblock_learner` at each depth and variant; print a markdown table"
+    torch.set_num_threads(threads)
+    print(f'digits 8x8, nf={nf}, bs={bs}, fit_one_cycle({epochs}, {lr}), seed={seed}, threads={threads}\n', flush=True)
+    print('| blocks | variant | signal at init | non-finite | valid acc | wall s/epoch | CPU s/epoch | build s |\n|---|---|---|---|---|---|---|---|', flush=True)
+    for d in map(int, depths.split(',')):
+        for v in variants.split(','):
+            r = run(d, v, epochs, lr, nf, bs, seed)
+            acc = '-' if math.isnan(r['acc']) else f"{r['acc']:.3f}"
+            print(f"| {r['blocks']} | {r['variant']} | {r['init']} | {r['nonfinite']} | {acc} | {r['s_epoch']:.1f} | {r['cpu_epoch']:.1f} | {r['build_s']:.1f} |", flush=True)

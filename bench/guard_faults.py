@@ -1,0 +1,106 @@
+"Fault-injection matrix for `ExplosionGuard` on the digits resnet: each fault at a fixed batch, against no guard and fastai's `TerminateOnNaNCallback`."
+import math, time, warnings
+import torch, torch.nn as nn, torch.nn.functional as F
+from fastcore.script import call_parse
+from fastai.basics import *
+from fastai.callback.all import *
+from fastai.callback.tracker import TerminateOnNaNCallback
+from fastai.layers import ConvLayer, ResBlock, Flatten
+from deepstable_fastai.data import digits_dls
+from deepstable_fastai.guard import ExplosionGuard
+
+def resnet_digits(n_out=10, c_in=1):
+    "A small fastai-`ResBlock` resnet for the digits"
+    return nn.Sequential(ConvLayer(c_in,32), ResBlock(1,32,32), ResBlock(1,32,64,stride=2), ResBlock(1,64,64),
+                         nn.AdaptiveAvgPool2d(1), Flatten(), nn.Linear(64,n_out))
+
+def make_dls(bs=64, size=8): return digits_dls(size=size, bs=bs)
+
+TARGET = '2.convpath.0.0'  # the module that emits a NaN / whose gradient goes Inf: a conv in the second ResBlock
+
+def _reg_loss(p, y): return F.mse_loss(p.view(-1), y.float())
+def _reg_acc(p, y): return (p.view(-1).round()==y.float()).float().mean()
+
+class Fault(Callback):
+    "Inject `kind` at training batch `at` (global `train_iter`)"
+    order = 12  # after the guard's decision, so an lr spike is applied by the step
+    def __init__(self, kind, at): store_attr(); self.fired = False
+    def before_fit(self):
+        if self.kind in ('module_nan','grad_inf') and not hasattr(self, 'h'):
+            self.h = self.learn.model.get_submodule(TARGET).register_forward_hook(self._hook)
+    def _hook(self, m, i, o):
+        if not self.training or self.train_iter!=self.at or self.fired: return
+        self.fired = True
+        if self.kind=='module_nan': o = o.clone(); o.view(-1)[0] = float('nan'); return o
+        o.register_hook(lambda g: g*float('inf'))
+    def before_batch(self):
+        if self.train_iter!=self.at: return
+        if self.kind=='nan_input': x = self.xb[0].clone(); x.view(-1)[0] = float('nan'); self.learn.xb = (x,)
+        if self.kind=='inf_target': y = self.yb[0].float().clone(); y[0] = float('inf'); self.learn.yb = (y,)
+    def before_step(self):
+        if self.kind=='lr_spike' and self.train_iter==self.at:
+            self.saved = [h['lr'] for h in self.opt.hypers]; self.opt.set_hypers(lr=[l*1e4 for l in self.saved])
+    def after_step(self):
+        if getattr(self, 'saved', None): self.opt.set_hypers(lr=self.saved); self.saved = None
+    def after_fit(self):
+        if hasattr(self, 'h'): self.h.remove(); del self.h
+
+class Watch(Callback):
+    "Record completed epochs and the batch at which a fit was cancelled"
+    order = -20
+    def before_fit(self): self.epochs,self.cancel_at = 0,None
+    def before_batch(self): self.cur = self.train_iter
+    def after_epoch(self): self.epochs += 1
+    def after_cancel_fit(self): self.cancel_at = self.cur
+
+FAULTS = ('clean','nan_input','inf_target','lr_spike','module_nan','grad_inf')
+EXPECT = dict(nan_input='input', inf_target='loss', module_nan=TARGET, grad_inf=TARGET)
+CONFIGS = {'no guard': lambda: [], 'TerminateOnNaN': lambda: [TerminateOnNaNCallback()],
+           'guard warn': lambda: [ExplosionGuard('warn', verbose=False)],
+           'guard skip': lambda: [ExplosionGuard('skip', verbose=False)],
+           'guard rollback': lambda: [ExplosionGuard('rollback', verbose=False)],
+           'guard skip, act_every=10': lambda: [ExplosionGuard('skip', act_every=10, verbose=False)],
+           'guard rollback, act_every=10': lambda: [ExplosionGuard('rollback', act_every=10, verbose=False)]}
+
+def run(fault, config, epochs=3, at=30, lr=3e-3, size=8, seed=0):
+    "Fit with `fault` injected at batch `at` under `config`; a dict of outcomes"
+    set_seed(seed, reproducible=True)
+    reg = fault=='inf_target'
+    dls = make_dls(size=size)
+    learn = Learner(dls, resnet_digits(1 if reg else 10), loss_func=_reg_loss if reg else CrossEntropyLossFlat(),
+                    metrics=_reg_acc if reg else accuracy, cbs=CONFIGS[config]()+[Fault(fault, at), Watch()])
+    with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        learn.fit_one_cycle(epochs, lr)
+        done = learn.watch.epochs==epochs
+        finite = all(t.isfinite().all() for t in learn.model.state_dict().values() if t.is_floating_point())
+        acc = learn.validate()[1]
+    g,w = getattr(learn, 'explosion_guard', None),learn.watch
+    evs = [e for e in g.events if e['kind'] not in ('vanishing_act',)] if g else []
+    det = evs[0]['train_iter']-at if evs else (w.cancel_at-at if w.cancel_at is not None else None)
+    return dict(finished=done, finite=finite, acc=float(acc)*100, detect=det,
+                layer=evs[0]['layer'] if evs else None, n_events=len(evs), reg=reg)
+
+@call_parse
+def main(epochs:int=3, # Epochs per fit
+         at:int=30, # Training batch at which each fault is injected
+         threads:int=1, # torch threads (the machine is shared)
+         configs:str=None): # Comma-separated subset of configurations
+    "Print the fault-injection matrix as markdown tables"
+    torch.set_num_threads(threads)
+    cfgs = configs.split(',') if configs else list(CONFIGS)
+    t0 = time.perf_counter()
+    clean = {reg: run('inf_target' if reg else 'clean', 'no guard', epochs, at=-1) for reg in (False,True)}
+    print(f"digits resnet, 8x8, fit_one_cycle({epochs}, 3e-3), fault at training batch {at} (epoch {at//22}); "
+          f"clean accuracy: classification {clean[False]['acc']:.1f}%, regression head {clean[True]['acc']:.1f}%\n")
+    print("| fault | config | finished | weights+BN stats finite | acc vs clean (pts) | batches to detection | origin named | events |")
+    print("|---|---|---|---|---|---|---|---|")
+    for f in FAULTS:
+        for c in cfgs:
+            r = run(f, c, epochs, at)
+            d = r['acc']-clean[r['reg']]['acc']
+            exp = EXPECT.get(f)
+            ok = '-' if exp is None or r['layer'] is None else ('yes' if r['layer'].startswith(exp) else f"no ({r['layer']})")
+            det = '-' if r['detect'] is None else r['detect']
+            print(f"| {f} | {c} | {'yes' if r['finished'] else 'no'} | {'yes' if r['finite'] else 'NO'} | {d:+.1f} | {det} | {ok} | {r['n_events']} |", flush=True)
+    print(f"\n{time.perf_counter()-t0:.0f} s")

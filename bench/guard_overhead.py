@@ -1,0 +1,56 @@
+"Overhead of `ExplosionGuard` per epoch on the digits resnet: process CPU time and wall time vs no callback, medians of interleaved repeats."
+import os, sys, time, warnings, statistics
+import torch
+from fastcore.script import call_parse
+from fastai.basics import *
+from fastai.callback.all import *
+from deepstable_fastai.guard import ExplosionGuard
+from deepstable_fastai.stats import StatsEngine
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from guard_faults import resnet_digits, make_dls
+
+class _EngineOnly(Callback):
+    "The shared stats engine with input checks, and nothing else: the part of the cost that is the hooks'"
+    order = 10.5
+    def before_train(self):
+        if getattr(self, '_e', None) is None: self._e = StatsEngine.acquire(self.learn, self); self._e.check_inputs = True
+    def before_batch(self): self._e.begin((self.epoch, self.iter, True, id(self.xb)))
+    def after_loss(self): self._e.stats(); self._e.end()
+    def after_fit(self):
+        if getattr(self, '_e', None) is not None: self._e.release(self.learn, self); self._e = None
+
+CONFIGS = {
+    'none': lambda: [],
+    'engine hooks only': lambda: [_EngineOnly()],
+    "guard 'warn'": lambda: [ExplosionGuard('warn', verbose=False)],
+    "guard 'skip'": lambda: [ExplosionGuard('skip', verbose=False)],
+    "guard 'rollback' (snapshot_every=20)": lambda: [ExplosionGuard('rollback', verbose=False)],
+    "guard 'rollback' (snapshot_every=1)": lambda: [ExplosionGuard('rollback', snapshot_every=1, verbose=False)],
+}
+
+@call_parse
+def main(repeats:int=7, # Interleaved repeats per configuration
+         bs:int=64, # Batch size
+         size:int=16, # Image size
+         threads:int=1): # torch threads (the machine is shared)
+    "Print a markdown table of per-epoch cost relative to no callback"
+    torch.set_num_threads(threads); warnings.simplefilter('ignore')
+    dls = make_dls(bs=bs, size=size)
+    learns = {}
+    for k,f in CONFIGS.items():
+        torch.manual_seed(0)
+        learns[k] = Learner(dls, resnet_digits(), loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=f())
+        with learns[k].no_bar(), learns[k].no_logging(): learns[k].fit(1, lr=1e-3)  # warm-up
+    res = {k:([],[]) for k in CONFIGS}
+    for r in range(repeats):
+        for k,learn in learns.items():
+            t,w = time.process_time(),time.perf_counter()
+            with learn.no_bar(), learn.no_logging(): learn.fit(1, lr=1e-3)
+            res[k][0].append(time.process_time()-t); res[k][1].append(time.perf_counter()-w)
+    n = len(dls.train)
+    cp,wp = statistics.median(res['none'][0]),statistics.median(res['none'][1])
+    print(f"digits resnet, {size}x{size}, bs {bs}, {n} train batches + validation per epoch, torch threads {threads}, median of {repeats} interleaved repeats\n")
+    print("| config | CPU s/epoch | CPU ratio | wall s/epoch | wall ratio |\n|---|---|---|---|---|")
+    for k,(c,w) in res.items():
+        c,w = statistics.median(c),statistics.median(w)
+        print(f"| {k} | {c:.3f} | {c/cp:.3f}x | {w:.3f} | {w/wp:.3f}x |")

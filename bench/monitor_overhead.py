@@ -1,0 +1,70 @@
+"Cost of `ActivationMonitor` vs no callback and fastai's `ActivationStats`: CPU time and wall time per training epoch."
+import argparse, os, random, statistics, time, warnings
+import torch, torch.nn.functional as F
+from fastai.vision.all import *
+from fastai.callback.hook import ActivationStats
+from deepstable_fastai.data import digits_dls, digits_image_dls
+from deepstable_fastai.monitor import ActivationMonitor
+from deepstable_fastai.stats import stats_kernel, kernel_error
+warnings.filterwarnings('ignore')
+
+class Limit(Callback):
+    "Stop the training phase after `n` batches and skip validation, so an 'epoch' is `n` training batches"
+    order = 100
+    def __init__(self, n): self.n = n
+    def after_batch(self):
+        if self.training and self.iter+1>=self.n: raise CancelTrainException
+    def before_validate(self): raise CancelValidException
+
+VARIANTS = {
+    'no callback': lambda: [],
+    'fastai ActivationStats()': lambda: [ActivationStats()],
+    'fastai ActivationStats(with_hist=True)': lambda: [ActivationStats(with_hist=True)],
+    'ActivationMonitor() default': lambda: [ActivationMonitor()],
+    'ActivationMonitor(with_hist=True)': lambda: [ActivationMonitor(with_hist=True)],
+    'ActivationMonitor(grads=False) activations only': lambda: [ActivationMonitor(grads=False)],
+}
+
+def make(model):
+    set_seed(0)
+    if model=='xresnet18':
+        return Learner(digits_dls(size=32, bs=64), xresnet18(c_in=1, n_out=10), loss_func=F.cross_entropy)
+    dls = digits_image_dls(size=32, bs=64, num_workers=0)
+    return vision_learner(dls, resnet18, pretrained=False, loss_func=F.cross_entropy)
+
+def run(model, batches, repeats):
+    learn = make(model)
+    lim = Limit(batches)
+    res = {k:[] for k in VARIANTS}
+    with learn.no_bar(), learn.no_logging():
+        for k,f in VARIANTS.items(): learn.fit(1, 1e-3, cbs=[lim]+f())   # warm-up, not timed
+        for r in range(repeats):
+            order = list(VARIANTS); random.Random(r).shuffle(order)
+            for k in order:
+                cbs = [lim]+VARIANTS[k]()
+                t,w = time.process_time(),time.perf_counter()
+                learn.fit(1, 1e-3, cbs=cbs)
+                res[k].append((time.process_time()-t, time.perf_counter()-w))
+    return res
+
+def table(model, res, batches, repeats):
+    base_c = statistics.median(c for c,_ in res['no callback'])
+    base_w = statistics.median(w for _,w in res['no callback'])
+    print(f"\n**{model}**, {batches} training batches of 64 per epoch, median of {repeats} interleaved repeats\n")
+    print("| variant | CPU s/epoch | x no callback (CPU) | wall s/epoch | x no callback (wall) |")
+    print("|---|---|---|---|---|")
+    for k,v in res.items():
+        c,w = statistics.median(o[0] for o in v),statistics.median(o[1] for o in v)
+        print(f"| {k} | {c:.2f} | {c/base_c:.3f}x | {w:.2f} | {w/base_w:.3f}x |")
+
+if __name__=='__main__':
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument('--models', default='xresnet18,resnet18')
+    p.add_argument('--batches', type=int, default=8)
+    p.add_argument('--repeats', type=int, default=5)
+    a = p.parse_args()
+    torch.set_num_threads(2)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY','(unset)')}, "
+          f"C kernel: {stats_kernel(wait=True) is not None} {kernel_error() or ''}")
+    print(time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()))
+    for m in a.models.split(','): table(m, run(m, a.batches, a.repeats), a.batches, a.repeats)

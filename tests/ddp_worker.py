@@ -1,0 +1,138 @@
+"One rank of the 2-process gloo job started by `tests/test_distrib.py`; writes `rank{R}.json` into OUT"
+import os, sys, json, hashlib, time, warnings
+from datetime import timedelta
+import torch, torch.nn as nn, torch.distributed as dist
+
+def digest(model):
+    "Hash of every parameter's and buffer's bytes: equal digests mean bitwise-equal weights"
+    h = hashlib.sha1()
+    for t in model.state_dict().values(): h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+def main(out, names):
+    dist.init_process_group('gloo', timeout=timedelta(seconds=60))
+    torch.set_num_threads(1)
+    warnings.simplefilter('ignore')
+    from fastai.basics import Learner, Callback, CrossEntropyLossFlat, set_seed, SGD, Adam
+    from fastai.callback.progress import ProgressCallback
+    from deepstable_fastai.data import digits_dls
+    from deepstable_fastai.stats import tensor_stats, finish_stats, find_modules, tensor_hist
+    from deepstable_fastai.guard import ExplosionGuard
+    from deepstable_fastai.distrib import BatchShardTrainer, all_reduce_stats, rank, world, data_parallel
+    try: from deepstable_fastai.monitor import ActivationMonitor
+    except ImportError: ActivationMonitor = None
+
+    class Digests(Callback):
+        "Digest of the weights before training and after every training batch (skipped or not)"
+        order = 100
+        def before_fit(self): self.ds,self.m0 = [],self.learn.model
+        def before_train(self):
+            if not self.ds: self.ds.append(digest(self.learn.model))
+        def after_batch(self):
+            if self.training: self.ds.append(digest(self.learn.model))
+        def after_cancel_fit(self): pass
+
+    class Inject(Callback):
+        "Write a fault into rank `on`'s slice of training batch `k` (after `BatchShardTrainer` sliced it)"
+        order = 0
+        def __init__(self, kind, k, on=1): self.kind,self.k,self.on = kind,k,on
+        def before_batch(self):
+            if not self.training or rank()!=self.on or self.train_iter!=self.k: return
+            x = self.xb[0].clone()
+            if self.kind=='nan': x[0,0] = float('nan')
+            else: x = x*1e6
+            self.learn.xb = (x,)
+
+    class GlobalStats(Callback):
+        "At batch `k`: the engine's rows of this rank's slice, all-reduced, and the rows of the whole global batch"
+        order = -9 # before `BatchShardTrainer` slices the batch
+        def __init__(self, k): self.k,self.res = k,None
+        def before_batch(self):
+            if self.training and self.train_iter==self.k: self.full = self.xb[0].clone()
+        def after_loss(self):
+            if not self.training or self.train_iter!=self.k: return
+            e = self.learn.__dict__['_stats_engine']
+            local = e.stats()[:, :7]
+            glob = all_reduce_stats(local)
+            m = self.learn.model.module
+            outs = {}
+            hs = [mod.register_forward_hook(lambda mod,i,o,n=n: outs.__setitem__(n, o.detach()))
+                  for n,mod in find_modules(m)]
+            act,e.active = e.active,False # keep the reference pass out of the engine's record
+            with torch.no_grad(): m(self.full)
+            e.active = act
+            for h in hs: h.remove()
+            ref = torch.stack([finish_stats(tensor_stats(outs[n.removeprefix('module.')])) for n in e.names])
+            hist = torch.stack([tensor_hist(outs[n.removeprefix('module.')]) for n in e.names])
+            self.res = dict(local=local.tolist(), glob=glob.tolist(), ref=ref.tolist(), hist=hist.tolist(), names=e.names)
+
+    def mon_res(m, k):
+        from deepstable_fastai.monitor import MONITOR_STATS
+        return dict(names=m.names, k=m.k, pos=m.pos[k].tolist(), stats=m.buf[k,:,:7].tolist(), grads=m.buf[k,:,7:].tolist(),
+                    hist=m.hbuf[k].tolist(), n_stats=len(MONITOR_STATS))
+
+    def run(name, action=None, fault=None, k=3, guard_kw=None, stats_at=None, opt='adam', mon=False, local=False, accel=False, ctx=False):
+        set_seed(0)
+        dls = digits_dls(flat=True, bs=64)
+        model = nn.Sequential(nn.Linear(64,64), nn.ReLU(), nn.Linear(64,64), nn.ReLU(), nn.Linear(64,10))
+        dg = Digests()
+        cbs = [dg] if accel or ctx else [BatchShardTrainer(), dg]
+        if fault: cbs.append(Inject(fault, k))
+        g = ExplosionGuard(action=action, verbose=False, **(guard_kw or {})) if action else None
+        # negative control: each rank decides on its own verdict, as a guard that ignores distribution would
+        if local: g._decide = lambda v: v.tolist()
+        if g: cbs.append(g)
+        gs = GlobalStats(stats_at) if stats_at is not None else None
+        if gs: cbs.append(gs)
+        m = ActivationMonitor(with_hist=True) if mon and ActivationMonitor else None
+        if m: cbs.append(m)
+        learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=Adam if opt=='adam' else SGD, cbs=cbs)
+        learn.remove_cb(ProgressCallback); learn.logger = lambda *a: None
+        t0 = time.time()
+        if accel:
+            with learn.distrib_ctx(cpu=True): learn.fit(1, 1e-2)
+        elif ctx:
+            with data_parallel(learn): learn.fit(1, 1e-2)
+        else: learn.fit(1, 1e-2)
+        secs = time.time()-t0
+        ev = [{k:v for k,v in e.items() if k in ('epoch','iter','train_iter','kind','layer','action','ranks','message')}
+              for e in (g.events if g else [])]
+        return dict(digests=dg.ds, final=digest(learn.model), n_batches=len(dls.train), ran=learn.train_iter,
+                    events=ev, lr_scale=g.lr_scale if g else None, stop=g.stop_reason if g else None, secs=secs,
+                    finite=bool(all(p.isfinite().all() for p in learn.model.parameters())),
+                    unwrapped=learn.model is model, hooks=sum(len(x._forward_hooks) for x in model.modules()),
+                    stats=gs.res if gs else None, mon=mon_res(m, stats_at) if m else None)
+
+    scen = dict(
+        clean_noguard=dict(),
+        clean_guard=dict(action='skip', stats_at=5),
+        monitor=dict(stats_at=6, mon=True),
+        nan_skip=dict(action='skip', fault='nan', k=3),
+        nan_skip_every=dict(action='skip', fault='nan', k=3, guard_kw=dict(act_every=4)),
+        ctx_nan_skip=dict(action='skip', fault='nan', k=3, ctx=True),
+        huge_skip=dict(action='skip', fault='huge', k=4),
+        huge_skip_local=dict(action='skip', fault='huge', k=4, local=True),
+        nan_rollback=dict(action='rollback', fault='nan', k=7, guard_kw=dict(snapshot_every=2)),
+        nan_stop=dict(action='stop', fault='nan', k=6, guard_kw=dict(snapshot_every=2)),
+        accel_clean=dict(accel=True),
+        accel_huge_skip=dict(action='skip', fault='huge', k=4, accel=True),
+        nan_warn=dict(action='warn', fault='nan', k=5, guard_kw=dict(snapshot_every=2)),
+    )
+    try: # fastai's `distrib_ctx` path (accelerate + `DistributedDL`), its CUDA-only index broadcast moved to the CPU
+        import accelerate
+        from fastai.distributed import DistributedDL
+        def _broadcast(self, t, r): t = torch.LongTensor(t); dist.broadcast(t, r); return t.tolist()
+        DistributedDL._broadcast = _broadcast
+    except ImportError: names = [n for n in names if not scen[n].get('accel')]
+    res = dict(rank=rank(), world=world())
+    for n in names: res[n] = run(n, **scen[n])
+    # the cost of the guard's one collective: an all-reduce of a (world, 6, 6) tensor
+    from deepstable_fastai.distrib import sync_verdict
+    v = torch.zeros(6, 6); dist.barrier(); t0 = time.perf_counter()
+    for _ in range(200): sync_verdict(v)
+    res['sync_ms'] = (time.perf_counter()-t0)/200*1e3
+    json.dump(res, open(os.path.join(out, f'rank{rank()}.json'), 'w'))
+    dist.barrier()
+    dist.destroy_process_group()
+
+if __name__=='__main__': main(sys.argv[1], sys.argv[2].split(','))

@@ -1,0 +1,141 @@
+"What the monitor notebook cannot show: interrupts, a fresh process loading an export, RNNs, the PNG pipeline, long runs."
+import subprocess, sys, textwrap
+import pytest, torch, torch.nn as nn, torch.nn.functional as F
+from fastai.learner import Learner
+from fastai.callback.core import Callback, CancelFitException
+from fastai.data.core import DataLoaders
+from fastai.data.load import DataLoader
+from fastai.test_utils import synth_learner
+from fastai.torch_core import set_seed
+from fastai.callback.progress import *
+from deepstable_fastai.data import digits_dls
+from deepstable_fastai.monitor import ActivationMonitor, MONITOR_STATS
+
+def n_hooks(m): return sum(len(o._forward_hooks)+len(o._backward_hooks)+len(o._forward_pre_hooks) for o in m.modules())
+
+class StopAfter(Callback):
+    def __init__(self, n): self.n = n
+    def after_batch(self):
+        if self.training and self.train_iter>=self.n: raise CancelFitException
+
+def interrupt(at, n=2):
+    "A callback that raises `KeyboardInterrupt` in event `at` of training batch `n`"
+    def boom(self):
+        if self.training and self.iter==n: raise KeyboardInterrupt
+    return type('Interrupt', (Callback,), {at: boom})()
+
+def mlp_learner(**kw):
+    set_seed(0)
+    m = nn.Sequential(nn.Linear(64,32), nn.ReLU(), nn.Linear(32,32), nn.Tanh(), nn.Linear(32,10))
+    return Learner(digits_dls(flat=True), m, loss_func=F.cross_entropy, **kw)
+
+@pytest.mark.parametrize('at', ['before_batch', 'after_pred', 'after_backward', 'before_step', 'after_step', 'after_batch'])
+def test_keyboard_interrupt_removes_hooks(at):
+    learn = mlp_learner(cbs=ActivationMonitor(with_hist=True))
+    assert n_hooks(learn.model)==0
+    with pytest.raises(KeyboardInterrupt), learn.no_bar(), learn.no_logging(): learn.fit(1, cbs=interrupt(at))
+    assert n_hooks(learn.model)==0 and '_stats_engine' not in learn.__dict__
+    mon = learn.activation_monitor
+    assert mon.k in (2, 3) and mon._engine is None and mon._snap is None
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, cbs=StopAfter(3))   # usable afterwards
+    assert mon.k==3 and n_hooks(learn.model)==0
+
+def test_export_load_in_fresh_process(tmp_path):
+    from fastai.tabular.all import TabularDataLoaders, tabular_learner, CategoryBlock, Normalize
+    import pandas as pd
+    from deepstable_fastai.data import digits_arrays
+    x,y = digits_arrays()
+    df = pd.DataFrame(x.reshape(len(x), -1), columns=[f'p{i}' for i in range(64)]).assign(y=y)
+    dls = TabularDataLoaders.from_df(df, y_names='y', cont_names=list(df.columns[:64]), procs=[Normalize], y_block=CategoryBlock(), bs=128)
+    learn = tabular_learner(dls, layers=[32], cbs=ActivationMonitor(with_hist=True))
+    with learn.no_bar(), learn.no_logging(): learn.fit(1)
+    learn.export(tmp_path/'m.pkl')
+    learn.activation_monitor.to_df().to_pickle(tmp_path/'df.pkl')
+    code = textwrap.dedent(f'''
+        import pandas as pd, matplotlib; matplotlib.use('Agg')
+        from fastai.learner import load_learner
+        learn = load_learner({str(tmp_path/'m.pkl')!r})
+        m = learn.activation_monitor
+        pd.testing.assert_frame_equal(m.to_df(), pd.read_pickle({str(tmp_path/'df.pkl')!r}))
+        m.plot().savefig({str(tmp_path/'p.png')!r}); m.color_dim(0); m.dead_chart()
+        with learn.no_bar(), learn.no_logging(): learn.fit(1)
+        assert m.k == learn.train_iter, (m.k, learn.train_iter)
+        print('ok', len(m.names))''')
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert r.returncode==0 and 'ok' in r.stdout, r.stderr[-3000:]
+    assert (tmp_path/'p.png').stat().st_size > 1000
+
+class SeqData(torch.utils.data.Dataset):
+    "Token sequences whose label is whether token 1 occurs"
+    def __init__(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randint(2, 50, (n, 12), generator=g)
+        self.x[::2, 5] = 1
+        self.y = (self.x==1).any(1).long()
+    def __len__(self): return len(self.x)
+    def __getitem__(self, i): return self.x[i], self.y[i]
+
+class LSTMNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb,self.rnn,self.cell,self.head = nn.Embedding(50, 16),nn.LSTM(16, 32, num_layers=2, batch_first=True),nn.GRUCell(32, 32),nn.Linear(32, 2)
+    def forward(self, x):
+        o,(h,c) = self.rnn(self.emb(x))
+        s = h[-1]
+        for t in range(o.shape[1]): s = self.cell(o[:,t], s)   # a cell called 12 times per forward
+        return self.head(s)
+
+def test_rnn_learner():
+    set_seed(0)
+    dls = DataLoaders(DataLoader(SeqData(512, 0), bs=32, shuffle=True), DataLoader(SeqData(128, 1), bs=64))
+    learn = Learner(dls, LSTMNet(), loss_func=F.cross_entropy, cbs=ActivationMonitor(with_hist=True))
+    with learn.no_bar(), learn.no_logging(): learn.fit(2, 1e-2)
+    m = learn.activation_monitor
+    assert m.names==['emb','rnn','cell','head'] and m.k==learn.train_iter
+    df = m.to_df()
+    assert df.value[df.stat.isin(['mean','std','absmax','grad_norm'])].notna().all()
+    # the LSTM's row covers its whole (output, (h, c)) tuple, the cell's all 12 calls
+    h = m.hist_counts('rnn')[0]; assert h.sum()==32*12*32 + 2*(2*32*32)
+    assert m.hist_counts('cell')[0].sum()==12*32*32
+    assert n_hooks(learn.model)==0
+
+def test_text_awd_lstm():
+    from fastai.text.models.core import get_text_classifier
+    from fastai.text.models.awdlstm import AWD_LSTM
+    set_seed(0)
+    model = get_text_classifier(AWD_LSTM, 50, 2, seq_len=4, config=dict(emb_sz=16, n_hid=24, n_layers=2, pad_token=0,
+                                hidden_p=0.1, input_p=0.1, embed_p=0.1, weight_p=0.2, bidir=False, output_p=0.1), max_len=48)
+    dls = DataLoaders(DataLoader(SeqData(256, 0), bs=32, shuffle=True), DataLoader(SeqData(64, 1), bs=64))
+    learn = Learner(dls, model, loss_func=lambda p,y: F.cross_entropy(p[0], y), cbs=ActivationMonitor())
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
+    m = learn.activation_monitor
+    assert any('rnns' in n for n in m.names) and m.k==learn.train_iter
+    ran = m.values('std').isfinite().all(0)
+    # AWD_LSTM's EmbeddingDropout reads the encoder's weight without calling it: that row stays NaN
+    assert [n for n,r in zip(m.names, ran) if not r]==['0.module.encoder']
+    assert all(r for n,r in zip(m.names, ran) if 'rnns' in n) and m.values('grad_norm', '0.module.encoder').isfinite().all()
+    assert n_hooks(learn.model)==0
+
+def test_vision_learner_png_pipeline(tmp_path):
+    from fastai.vision.learner import vision_learner
+    from torchvision.models import resnet18
+    from deepstable_fastai.data import digits_image_dls
+    dls = digits_image_dls(tmp_path, size=32, bs=32, num_workers=0)
+    learn = vision_learner(dls, resnet18, pretrained=False, loss_func=F.cross_entropy, cbs=ActivationMonitor(with_hist=True))
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, cbs=StopAfter(4))
+    m = learn.activation_monitor
+    assert m.k==4 and '0.0' in m.names and any(n.startswith('1.') for n in m.names)
+    assert m.values('grad_norm', '0.0').isfinite().all()
+    preds,_ = learn.get_preds(); assert m.k==4
+    m.plot(); m.color_dim('0.0'); m.plot_layer_stats('0.0'); m.dead_chart()
+    assert n_hooks(learn.model)==0
+
+def test_long_run_memory_cap():
+    learn = synth_learner(n_trn=3000, cbs=ActivationMonitor(cap=64, with_hist=True))
+    with learn.no_bar(), learn.no_logging(): learn.fit(1)
+    m = learn.activation_monitor
+    assert 32<=m.k<=64 and m.stride==64
+    st = m.steps
+    assert st[0]==0 and st[-1]>=3000-m.stride and set((st[1:]-st[:-1]).tolist())=={m.stride}
+    assert m.nbytes()==64*(len(m.names)*(4*len(MONITOR_STATS)+4*43)+32)
+    assert m.hist_counts(0).sum(1).eq(16).all()
