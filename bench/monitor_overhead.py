@@ -1,4 +1,4 @@
-"Cost of `ActivationMonitor` vs no callback and fastai's `ActivationStats`: CPU time and wall time per training epoch."
+"Cost of `ActivationMonitor` vs no callback and fastai's `ActivationStats`: CPU and wall time per training epoch, and the CPU time spent inside each callback's own hooks and events."
 import argparse, os, random, statistics, time, warnings
 import torch, torch.nn.functional as F
 from fastai.vision.all import *
@@ -25,6 +25,30 @@ VARIANTS = {
     'ActivationMonitor(grads=False) activations only': lambda: [ActivationMonitor(grads=False)],
 }
 
+class SelfTime:
+    "Process CPU time spent inside the given methods (hooks and callback events), summed over calls"
+    def __init__(self, targets): self.targets,self.t,self.n = targets,0.,0
+    def __enter__(self):
+        self.saved = []
+        for cls,name in self.targets:
+            f = cls.__dict__[name]; self.saved.append((cls,name,f))
+            def w(*a, _f=f, **k):
+                t = time.process_time()
+                try: return _f(*a, **k)
+                finally: self.t += time.process_time()-t
+            setattr(cls, name, w)
+        return self
+    def __exit__(self, *a):
+        for cls,name,f in self.saved: setattr(cls, name, f)
+
+def self_targets(k):
+    from fastai.callback.hook import Hook
+    from deepstable_fastai.stats import StatsEngine
+    if k.startswith('fastai'): return [(Hook,'hook_fn'), (ActivationStats,'after_batch')]
+    if k.startswith('ActivationMonitor'):
+        return [(StatsEngine,'_hook')]+[(ActivationMonitor,o) for o in ('before_batch','before_step','after_step','after_batch')]
+    return []
+
 def make(model):
     set_seed(0)
     if model=='xresnet18':
@@ -42,20 +66,22 @@ def run(model, batches, repeats):
             order = list(VARIANTS); random.Random(r).shuffle(order)
             for k in order:
                 cbs = [lim]+VARIANTS[k]()
-                t,w = time.process_time(),time.perf_counter()
-                learn.fit(1, 1e-3, cbs=cbs)
-                res[k].append((time.process_time()-t, time.perf_counter()-w))
+                with SelfTime(self_targets(k)) as st:
+                    t,w = time.process_time(),time.perf_counter()
+                    learn.fit(1, 1e-3, cbs=cbs)
+                    res[k].append((time.process_time()-t, time.perf_counter()-w, st.t))
     return res
 
 def table(model, res, batches, repeats):
-    base_c = statistics.median(c for c,_ in res['no callback'])
-    base_w = statistics.median(w for _,w in res['no callback'])
+    base_c = statistics.median(x[0] for x in res['no callback'])
+    base_w = statistics.median(x[1] for x in res['no callback'])
     print(f"\n**{model}**, {batches} training batches of 64 per epoch, median of {repeats} interleaved repeats\n")
-    print("| variant | CPU s/epoch | x no callback (CPU) | wall s/epoch | x no callback (wall) |")
-    print("|---|---|---|---|---|")
+    print("| variant | CPU s/epoch | x no callback (CPU) | wall s/epoch | x no callback (wall) | own CPU ms/batch | own CPU / no-callback CPU |")
+    print("|---|---|---|---|---|---|---|")
     for k,v in res.items():
-        c,w = statistics.median(o[0] for o in v),statistics.median(o[1] for o in v)
-        print(f"| {k} | {c:.2f} | {c/base_c:.3f}x | {w:.2f} | {w/base_w:.3f}x |")
+        c,w,o = (statistics.median(x[i] for x in v) for i in range(3))
+        own = f"{o/batches*1e3:.1f} | {o/base_c*100:.1f}%" if k!='no callback' else "- | -"
+        print(f"| {k} | {c:.2f} | {c/base_c:.3f}x | {w:.2f} | {w/base_w:.3f}x | {own} |")
 
 if __name__=='__main__':
     p = argparse.ArgumentParser(description=__doc__)

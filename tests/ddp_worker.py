@@ -10,7 +10,9 @@ def digest(model):
     return h.hexdigest()[:16]
 
 def main(out, names):
-    dist.init_process_group('gloo', timeout=timedelta(seconds=60))
+    # a file store: no race for a free TCP port with other processes on the machine
+    dist.init_process_group('gloo', init_method=f"file://{os.path.join(out, 'store')}",
+                            rank=int(os.environ['RANK']), world_size=int(os.environ['WORLD_SIZE']), timeout=timedelta(seconds=60))
     torch.set_num_threads(1)
     warnings.simplefilter('ignore')
     from fastai.basics import Learner, Callback, CrossEntropyLossFlat, set_seed, SGD, Adam
@@ -107,10 +109,11 @@ def main(out, names):
         clean_noguard=dict(),
         clean_guard=dict(action='skip', stats_at=5),
         monitor=dict(stats_at=6, mon=True),
+        monitor_stop=dict(action='stop', fault='nan', k=6, stats_at=5, mon=True),
         nan_skip=dict(action='skip', fault='nan', k=3),
         nan_skip_every=dict(action='skip', fault='nan', k=3, guard_kw=dict(act_every=4)),
         ctx_nan_skip=dict(action='skip', fault='nan', k=3, ctx=True),
-        huge_skip=dict(action='skip', fault='huge', k=4),
+        huge_skip=dict(action='skip', fault='huge', k=4, guard_kw=dict(modules=['0','2','4'])), # names of the user's model
         huge_skip_local=dict(action='skip', fault='huge', k=4, local=True),
         nan_rollback=dict(action='rollback', fault='nan', k=7, guard_kw=dict(snapshot_every=2)),
         nan_stop=dict(action='stop', fault='nan', k=6, guard_kw=dict(snapshot_every=2)),

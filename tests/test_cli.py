@@ -67,3 +67,13 @@ def test_help_everywhere():
 def test_check_arch():
     r = cli('check', 'resnet18', '--size', 32)
     assert r.returncode in (0,1) and 'overall:' in r.stdout, r.stderr[-2000:]
+
+def test_check_exported_learner(tmp_path):
+    from deepstable_fastai.data import digits_image_dls
+    from deepstable_fastai.learner import resblock_learner
+    learn = resblock_learner(digits_image_dls(tmp_path/'cache', size=8, bs=32), n_blocks=2)
+    learn.export(tmp_path/'m.pkl')
+    r = cli('check', tmp_path/'m.pkl', '--size', 8)
+    assert r.returncode==0 and 'overall: ok' in r.stdout, r.stdout+r.stderr[-2000:]
+    r = cli('check', tmp_path/'missing.pkl')
+    assert r.returncode==2 and 'does not exist' in r.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-SCENARIOS = ('clean_noguard','clean_guard','monitor','ctx_nan_skip','nan_skip_every','nan_skip','huge_skip','huge_skip_local','nan_rollback','nan_stop','nan_warn',
+SCENARIOS = ('clean_noguard','clean_guard','monitor','monitor_stop','ctx_nan_skip','nan_skip_every','nan_skip','huge_skip','huge_skip_local','nan_rollback','nan_stop','nan_warn',
              'accel_clean','accel_huge_skip')
 try: import accelerate
 except ImportError: accelerate = None
@@ -43,7 +43,9 @@ def test_world(ranks): assert [r['rank'] for r in ranks]==[0,1] and all(r['world
 
 # iteration of the fault, kind and layer of the event, action
 FAULTS = dict(nan_skip=(3, 'nonfinite_act', 'input', 'skip'),
-              nan_skip_every=(3, 'nonfinite_act', 'input', 'skip'), # activations not checked at iter 3: replayed on both ranks ctx_nan_skip=(3, 'nonfinite_act', 'input', 'skip'), huge_skip=(4, 'exploding_act', '0', 'skip'),
+              nan_skip_every=(3, 'nonfinite_act', 'input', 'skip'), # activations not checked at iter 3: replayed on both ranks
+              ctx_nan_skip=(3, 'nonfinite_act', 'input', 'skip'), # through `data_parallel`
+              huge_skip=(4, 'exploding_act', '0', 'skip'), # the layer is named as in the user's model, not 'module.0'
               nan_rollback=(7, 'nonfinite_act', 'input', 'rollback'), nan_stop=(6, 'nonfinite_act', 'input', 'stop'),
               nan_warn=(5, 'nonfinite_act', 'input', 'warn'),
               accel_huge_skip=(4, 'exploding_act', '0', 'skip')) # fastai's own `distrib_ctx` (accelerate, `DistributedDL`)
@@ -113,3 +115,27 @@ def test_monitor_global_history(ranks):
 def test_data_parallel_context(ranks):
     "`data_parallel` on CPUs (what the CLI uses) trains exactly as `BatchShardTrainer` does"
     for r in ranks: assert r['ctx_nan_skip']['digests']==r['nan_skip']['digests'] and r['ctx_nan_skip']['events']==r['nan_skip']['events']
+
+def test_monitor_with_guard_stop(ranks):
+    "Monitor and guard together: the guard stops both ranks at iter 6 (batches 0-5 recorded), the history is combined all the same"
+    import torch
+    r0,r1 = ranks[0]['monitor_stop'],ranks[1]['monitor_stop']
+    assert r0['events']==r1['events'] and r0['events'][0]['ranks']==[1] and r0['ran']==r1['ran']==6
+    m0,m1 = r0['mon'],r1['mon']
+    assert m0['k']==m1['k']==6 and m0['stats']==m1['stats'] and m0['grads']==m1['grads']
+    assert torch.allclose(torch.tensor(m0['stats']), torch.tensor(r0['stats']['ref']), rtol=1e-4, atol=1e-5)
+
+def test_torchrun_script(tmp_path):
+    "A script started by `torchrun`: `data_parallel` joins and leaves gloo itself, one report, same weights and events"
+    env = {**os.environ, 'OMP_NUM_THREADS':'1', 'MPLBACKEND':'Agg'}
+    for k in ('RANK','WORLD_SIZE','LOCAL_RANK','MASTER_ADDR','MASTER_PORT'): env.pop(k, None)
+    try: r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                             str(HERE/'ddp_script.py'), str(tmp_path)], env=env, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired: pytest.fail('torchrun job did not finish in 240s (a hang?)')
+    assert r.returncode==0, (r.stdout[-3000:], r.stderr[-3000:])
+    a,b = [json.loads((tmp_path/f'rank{i}.json').read_text()) for i in (0,1)]
+    assert (a['rank'],b['rank'],a['world'])==(0,1,2) and a['digest']==b['digest'] and a['std']==b['std']
+    assert a['events']==b['events'] and a['events'][0]['ranks']==[1] and a['events'][0]['action']=='rollback'
+    rep = json.loads((tmp_path/'report.json').read_text()) # written by rank 0 alone
+    assert rep['world']==2 and rep['names']==['0','1','2'] and (tmp_path/'std.png').exists()
+    assert sorted(p.name for p in tmp_path.iterdir())==['rank0.json','rank1.json','report.json','std.png']

@@ -83,7 +83,8 @@ def readme_text():
             lines = c.source.splitlines()
             if lines and re.match(r'^\s*#\|\s*hide', lines[0]): continue
             c.source = '\n'.join(l for l in lines if not _re_dir.match(l))
-            c.outputs = [o for o in c.outputs if o.get('output_type')=='stream' or 'text/html' not in o.get('data', {})]
+            # the README is plain text on a code host: keep printed output, drop html tables and images
+            c.outputs = [o for o in c.outputs if o.get('output_type')=='stream' or not ({'text/html','image/png'} & set(o.get('data', {})))]
         cells.append(c)
     nb.cells = cells
     nb.metadata['language_info'] = {'name': 'python'}

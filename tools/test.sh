@@ -14,7 +14,8 @@ before=$(snap nbs '*.ipynb'); nbdev-clean; after=$(snap nbs '*.ipynb')
 if [ "$before" != "$after" ]; then echo "FAIL: nbdev-clean changed:"; drift "$before" "$after"; exit 1; fi
 
 echo "== 3/4 nbdev-test (2 workers)"
-nbdev-test --n_workers 2 --timing
+# one BLAS thread per worker: two workers on two cores, no oversubscription
+OMP_NUM_THREADS=1 nbdev-test --n_workers 2 --timing
 
 echo "== 4/4 pytest tests"
 set +e; python -m pytest tests -q -p no:cacheprovider "$@"; rc=$?; set -e
