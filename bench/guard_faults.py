@@ -86,11 +86,11 @@ def run(fault, config, epochs=3, at=30, lr=3e-3, size=8, seed=0):
 def main(epochs:int=3, # Epochs per fit
          at:int=30, # Training batch at which each fault is injected
          threads:int=1, # torch threads (the machine is shared)
-         configs:str=None, # Comma-separated subset of configurations
+         configs:str=None, # Semicolon-separated subset of configurations
          faults:str=None): # Comma-separated subset of faults
     "Print the fault-injection matrix as markdown tables"
     torch.set_num_threads(threads)
-    cfgs = configs.split(',') if configs else list(CONFIGS)
+    cfgs = configs.split(";") if configs else list(CONFIGS)
     t0 = time.perf_counter()
     clean = {reg: run('inf_target' if reg else 'clean', 'no guard', epochs, at=-1) for reg in (False,True)}
     print(f"digits resnet, 8x8, fit_one_cycle({epochs}, 3e-3), fault at training batch {at} (epoch {at//22}); "

@@ -15,14 +15,13 @@ def main(out, names):
                             rank=int(os.environ['RANK']), world_size=int(os.environ['WORLD_SIZE']), timeout=timedelta(seconds=60))
     torch.set_num_threads(1)
     warnings.simplefilter('ignore')
-    from fastai.basics import Learner, Callback, CrossEntropyLossFlat, set_seed, SGD, Adam
+    from fastai.basics import Learner, Callback, CrossEntropyLossFlat, set_seed, SGD, Adam, ifnone
     from fastai.callback.progress import ProgressCallback
     from deepstable_fastai.data import digits_dls
     from deepstable_fastai.stats import tensor_stats, finish_stats, find_modules, tensor_hist
     from deepstable_fastai.guard import ExplosionGuard
     from deepstable_fastai.distrib import BatchShardTrainer, all_reduce_stats, rank, world, data_parallel
-    try: from deepstable_fastai.monitor import ActivationMonitor
-    except ImportError: ActivationMonitor = None
+    from deepstable_fastai.monitor import ActivationMonitor
 
     class Digests(Callback):
         "Digest of the weights before training and after every training batch (skipped or not)"
@@ -32,7 +31,6 @@ def main(out, names):
             if not self.ds: self.ds.append(digest(self.learn.model))
         def after_batch(self):
             if self.training: self.ds.append(digest(self.learn.model))
-        def after_cancel_fit(self): pass
 
     class Inject(Callback):
         "Write a fault into rank `on`'s slice of training batch `k` (after `BatchShardTrainer` sliced it)"
@@ -86,7 +84,7 @@ def main(out, names):
         if g: cbs.append(g)
         gs = GlobalStats(stats_at) if stats_at is not None else None
         if gs: cbs.append(gs)
-        m = ActivationMonitor(with_hist=True) if mon and ActivationMonitor else None
+        m = ActivationMonitor(with_hist=True) if mon else None
         if m: cbs.append(m)
         learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=Adam if opt=='adam' else SGD, cbs=cbs)
         learn.remove_cb(ProgressCallback); learn.logger = lambda *a: None
@@ -103,7 +101,7 @@ def main(out, names):
                     events=ev, lr_scale=g.lr_scale if g else None, stop=g.stop_reason if g else None, secs=secs,
                     finite=bool(all(p.isfinite().all() for p in learn.model.parameters())),
                     unwrapped=learn.model is model, hooks=sum(len(x._forward_hooks) for x in model.modules()),
-                    stats=gs.res if gs else None, mon=mon_res(m, stats_at) if m else None)
+                    stats=gs.res if gs else None, mon=mon_res(m, ifnone(stats_at, 2)) if m else None)
 
     scen = dict(
         clean_noguard=dict(),
@@ -118,7 +116,7 @@ def main(out, names):
         nan_rollback=dict(action='rollback', fault='nan', k=7, guard_kw=dict(snapshot_every=2)),
         nan_stop=dict(action='stop', fault='nan', k=6, guard_kw=dict(snapshot_every=2)),
         accel_clean=dict(accel=True),
-        accel_huge_skip=dict(action='skip', fault='huge', k=4, accel=True),
+        accel_huge_skip=dict(action='skip', fault='huge', k=4, accel=True, mon=True),
         nan_warn=dict(action='warn', fault='nan', k=5, guard_kw=dict(snapshot_every=2)),
     )
     try: # fastai's `distrib_ctx` path (accelerate + `DistributedDL`), its CUDA-only index broadcast moved to the CPU

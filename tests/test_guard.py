@@ -4,8 +4,11 @@ from pathlib import Path
 import pytest, torch
 sys.path.insert(0, str(Path(__file__).parents[1]/'bench'))
 from guard_faults import run, resnet_digits, make_dls, EXPECT, FAULTS
-from fastai.basics import *
-from fastai.callback.all import *
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat
+from fastai.metrics import accuracy
+from fastai.torch_core import set_seed
+import fastai.callback.schedule  # fit_one_cycle
 from deepstable_fastai.guard import ExplosionGuard
 
 FAULTY = [f for f in FAULTS if f!='clean']
