@@ -4,7 +4,7 @@ from pathlib import Path
 from conftest import ROOT, run_py
 
 def _text(p): return ' '.join(html.unescape(re.sub(r'<[^>]+>', ' ', Path(p).read_text())).split())
-def _norm(s): return ' '.join(s.replace('`', '').split())
+def _norm(s): return ''.join(s.replace('`', '').split())
 
 def _modules():
     from deepstable_fastai._modidx import d

@@ -21,9 +21,9 @@ def _prep(nb):
         c.get('metadata', {}).pop('execution', None)
         src = ''.join(c['source']) if isinstance(c['source'], list) else c['source']
         if c['cell_type']=='raw' and src.startswith('---'):
-            m = re.search(r'^title:\s*(.*)$', src, re.M); title = m and m.group(1).strip().strip('"\'')
-            m = re.search(r'^description:\s*((?:.*\n?)(?:  .*\n?)*)', src, re.M)
-            desc = m and ' '.join(m.group(1).split()).strip('"\'')
+            import yaml
+            fm = yaml.safe_load(src.strip().strip('-')) or {}
+            title, desc = fm.get('title'), fm.get('description')
             continue
         c.setdefault('id', f'c{len(cells)}')
         if c['cell_type']=='code':
@@ -66,7 +66,7 @@ def build(skip_proc=False):
         body, _ = exp.from_notebook_node(nbformat.from_dict(nb))
         body = body.replace('<body', '<body data-page="ds"', 1)
         body = re.sub(r'(<body[^>]*>)', lambda m: m.group(1)+_nav(pages, out), body, count=1)
-        if title: body = re.sub(r'<title>.*?</title>', f'<title>{html.escape(title)}</title>', body, count=1, flags=re.S)
+        if title: body = re.sub(r'<title>.*?</title>', lambda m: f'<title>{html.escape(title)}</title>', body, count=1, flags=re.S)
         out.parent.mkdir(parents=True, exist_ok=True); out.write_text(body)
     print(f'{len(docs)} pages in {dest}')
     return [o for o,_ in pages]
