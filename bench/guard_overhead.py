@@ -4,6 +4,7 @@ import torch
 from fastcore.script import call_parse
 from fastai.basics import *
 from fastai.callback.all import *
+from fastai.vision.models.xresnet import xresnet18
 from deepstable_fastai.guard import ExplosionGuard
 from deepstable_fastai.stats import StatsEngine
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -19,6 +20,12 @@ class _EngineOnly(Callback):
     def after_fit(self):
         if getattr(self, '_e', None) is not None: self._e.release(self.learn, self); self._e = None
 
+class ShortEpoch(Callback):
+    "Stop the training phase after `n` batches (validation still runs)"
+    def __init__(self, n): self.n = n
+    def after_batch(self):
+        if self.training and self.iter+1>=self.n: raise CancelTrainException()
+
 CONFIGS = {
     'none': lambda: [],
     'engine hooks only': lambda: [_EngineOnly()],
@@ -33,25 +40,28 @@ CONFIGS = {
 @call_parse
 def main(repeats:int=7, # Interleaved repeats per configuration
          bs:int=64, # Batch size
-         size:int=8, # Image size (the fault matrix's)
-         threads:int=1): # torch threads (the machine is shared)
+         size:int=8, # Image size (the fault matrix's); 32 suits xresnet18
+         threads:int=1, # torch threads (the machine is shared)
+         model:str='resnet_digits', # 'resnet_digits' (the fault matrix's small resnet) or 'xresnet18' (the monitor bench's)
+         batches:int=0): # Train batches per epoch (0: all)
     "Print a markdown table of per-epoch cost relative to no callback"
     torch.set_num_threads(threads); warnings.simplefilter('ignore')
     dls = make_dls(bs=bs, size=size)
     learns = {}
     for k,f in CONFIGS.items():
         torch.manual_seed(0)
-        learns[k] = Learner(dls, resnet_digits(), loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=f())
+        m = resnet_digits() if model=='resnet_digits' else xresnet18(c_in=1, n_out=10)
+        learns[k] = Learner(dls, m, loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=f())
         with learns[k].no_bar(), learns[k].no_logging(): learns[k].fit(1, lr=1e-3)  # warm-up
     res = {k:([],[]) for k in CONFIGS}
     for r in range(repeats):
         for k,learn in learns.items():
             t,w = time.process_time(),time.perf_counter()
-            with learn.no_bar(), learn.no_logging(): learn.fit(1, lr=1e-3)
+            with learn.no_bar(), learn.no_logging(): learn.fit(1, lr=1e-3, cbs=[ShortEpoch(batches)] if batches else None)
             res[k][0].append(time.process_time()-t); res[k][1].append(time.perf_counter()-w)
-    n = len(dls.train)
+    n = batches or len(dls.train)
     cp,wp = statistics.median(res['none'][0]),statistics.median(res['none'][1])
-    print(f"digits resnet, {size}x{size}, bs {bs}, {n} train batches + validation per epoch, torch threads {threads}, median of {repeats} interleaved repeats\n")
+    print(f"{model}, {size}x{size}, bs {bs}, {n} train batches + validation per epoch, torch threads {threads}, median of {repeats} interleaved repeats\n")
     print("| config | CPU s/epoch | CPU ratio | wall s/epoch | wall ratio |\n|---|---|---|---|---|")
     for k,(c,w) in res.items():
         c,w = statistics.median(c),statistics.median(w)

@@ -15,7 +15,7 @@ if [ "$before" != "$after" ]; then echo "FAIL: nbdev-clean changed:"; drift "$be
 
 echo "== 3/4 nbdev-test (2 workers)"
 # one BLAS thread per worker: two workers on two cores, no oversubscription
-OMP_NUM_THREADS=1 nbdev-test --n_workers 2 --timing
+OMP_NUM_THREADS=1 nbdev-test --n-workers 2 --timing
 
 echo "== 4/4 pytest tests"
 set +e; python -m pytest tests -q -p no:cacheprovider "$@"; rc=$?; set -e
