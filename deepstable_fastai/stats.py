@@ -288,7 +288,7 @@ def _params(self:StatsEngine):
 # %% ../nbs/01_stats.ipynb #d72d8f39
 def batch_key(learn):
     "The key of `learn`'s current batch for `StatsEngine.begin`"
-    return (learn.epoch, learn.iter, learn.training, id(learn.xb))
+    return (learn.epoch, learn.training, learn.iter, learn.train_iter, id(learn.dl))
 
 # %% ../nbs/01_stats.ipynb #b94f04f8
 @patch

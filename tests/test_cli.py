@@ -77,3 +77,19 @@ def test_check_exported_learner(tmp_path):
     assert r.returncode==0 and 'overall: ok' in r.stdout, r.stdout+r.stderr[-2000:]
     r = cli('check', tmp_path/'missing.pkl')
     assert r.returncode==2 and 'does not exist' in r.stderr
+
+def test_train_under_torchrun(tmp_path):
+    "`torchrun` starts two `deepstable train` processes: they train together and rank 0 alone writes the report"
+    import subprocess, sys
+    src = _two_class_folder(tmp_path/'imgs')
+    exe = Path(sys.executable).parent
+    cmd = [exe/'torchrun', '--standalone', '--nproc_per_node', '2', '--no-python', exe/'deepstable', 'train', src,
+           '--arch', 'resnet18', '--epochs', '1', '--size', '32', '--bs', '8', '--out', tmp_path/'rep']
+    r = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode in (0,1), r.stderr[-3000:]
+    s = json.loads((tmp_path/'rep'/'summary.json').read_text())
+    assert len(s['runs'])==1 and s['runs'][0]['finite_weights']
+    assert r.stdout.count('report:')==1, r.stdout
+    r = subprocess.run(list(map(str, [exe/'torchrun', '--standalone', '--nproc_per_node', '2', '--no-python', exe/'deepstable', 'demo', '--quick'])),
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode!=0 and 'one process' in r.stderr

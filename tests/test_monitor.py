@@ -139,3 +139,19 @@ def test_long_run_memory_cap():
     assert st[0]==0 and st[-1]>=3000-m.stride and set((st[1:]-st[:-1]).tolist())=={m.stride}
     assert m.nbytes()==64*(len(m.names)*(4*len(MONITOR_STATS)+4*43)+32)
     assert m.hist_counts(0).sum(1).eq(16).all()
+
+def test_monitor_and_guard_share_batches():
+    "Monitor histograms and stats are recorded with the guard attached (fastai's CastToTensor swaps `xb` between them)"
+    import torch
+    from fastai.learner import Learner
+    from deepstable_fastai.data import digits_dls
+    from deepstable_fastai.guard import ExplosionGuard
+    from deepstable_fastai.monitor import ActivationMonitor
+    m = torch.nn.Sequential(torch.nn.Linear(64,32), torch.nn.ReLU(), torch.nn.Linear(32,10))
+    learn = Learner(digits_dls(flat=True), m, cbs=[ActivationMonitor(with_hist=True), ExplosionGuard(act_every=4)])
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    mon = learn.activation_monitor
+    assert mon.k == learn.train_iter
+    h = mon.hist_counts(0)
+    assert (h.sum(1) == 64*32).all(), h.sum(1)
+    assert torch.isfinite(torch.as_tensor(mon.values('std', 0))).all()
