@@ -30,3 +30,5 @@ write_report(out, learn)
 h = hashlib.sha1(b''.join(p.detach().numpy().tobytes() for p in learn.model.parameters())).hexdigest()
 (out/f'rank{rank()}.json').write_text(json.dumps(dict(rank=rank(), world=world(), digest=h, events=learn.explosion_guard.events,
                                                       std=learn.activation_monitor.values('std').nan_to_num(-1).tolist())))
+# As in ddp_worker.py: skip interpreter teardown, where a gloo rank intermittently aborts after its work is done.
+sys.stdout.flush(); sys.stderr.flush(); os._exit(0)

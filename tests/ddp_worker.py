@@ -136,4 +136,9 @@ def main(out, names):
     dist.barrier()
     dist.destroy_process_group()
 
-if __name__=='__main__': main(sys.argv[1], sys.argv[2].split(','))
+if __name__=='__main__':
+    main(sys.argv[1], sys.argv[2].split(','))
+    # Results are written and the process group is destroyed. Skip interpreter teardown: with torch 2.14 a gloo
+    # rank intermittently aborts there ("terminate called without an active exception", seen under CI=true),
+    # after all its work is done, which would fail the job for no fault of the code under test.
+    sys.stdout.flush(); sys.stderr.flush(); os._exit(0)
