@@ -372,5 +372,6 @@ d = { 'settings': { 'branch': 'main',
                                          'deepstable_fastai.stats.merge_stats': ('stats.html#merge_stats', 'deepstable_fastai/stats.py'),
                                          'deepstable_fastai.stats.stats_kernel': ('stats.html#stats_kernel', 'deepstable_fastai/stats.py'),
                                          'deepstable_fastai.stats.tensor_hist': ('stats.html#tensor_hist', 'deepstable_fastai/stats.py'),
-                                         'deepstable_fastai.stats.tensor_stats': ( 'stats.html#tensor_stats',
+                                         'deepstable_fastai.stats.tensor_stats': ('stats.html#tensor_stats', 'deepstable_fastai/stats.py'),
+                                         'deepstable_fastai.stats.training_fit': ( 'stats.html#training_fit',
                                                                                    'deepstable_fastai/stats.py')}}}

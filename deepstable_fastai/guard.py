@@ -11,7 +11,7 @@ from fastcore.all import *
 from copy import deepcopy
 from fastai.callback.core import Callback, CancelStepException, CancelFitException
 from fastai.callback.fp16 import MixedPrecision
-from .stats import StatsEngine, STATS, act_types, batch_key
+from .stats import training_fit, StatsEngine, STATS, act_types, batch_key
 from .distrib import sync_verdict, strip_ddp, ddp_modules, is_dist, world
 
 # %% auto #0
@@ -101,7 +101,7 @@ def _restore(self:ExplosionGuard, snap):
 def before_fit(self:ExplosionGuard):
     "Switch off inside `lr_find` and `get_preds` (and leave a running fit alone in a nested `validate`)"
     if self._fitting: self._nest += 1; return
-    self.run = not hasattr(self.learn, 'lr_finder') and not hasattr(self.learn, 'gather_preds')
+    self.run = training_fit(self.learn)
 
 @patch
 def before_train(self:ExplosionGuard):

@@ -10,7 +10,7 @@ import math, torch, numpy as np, pandas as pd
 from fastcore.all import *
 from fastai.callback.core import Callback
 from fastai.torch_core import subplots
-from .stats import STATS, StatsEngine, batch_key, stats_kernel
+from .stats import training_fit, STATS, StatsEngine, batch_key, stats_kernel
 from .distrib import strip_ddp, ddp_modules, all_reduce_monitor
 
 # %% auto #0
@@ -49,7 +49,7 @@ class ActivationMonitor(Callback):
 def before_fit(self:ActivationMonitor):
     "Arm the monitor, unless this is `lr_find` or a prediction loop (or a loop nested in a running fit)"
     if self._started: self._nest += 1; return
-    self._on = not hasattr(self.learn, 'lr_finder') and not hasattr(self.learn, 'gather_preds')
+    self._on = training_fit(self.learn)
 
 @patch
 def before_train(self:ActivationMonitor):

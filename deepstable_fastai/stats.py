@@ -15,7 +15,7 @@ from fastai.learner import Learner
 
 # %% auto #0
 __all__ = ['STATS', 'act_types', 'tensor_stats', 'merge_stats', 'finish_stats', 'stats_kernel', 'kernel_error', 'fast_stats',
-           'tensor_hist', 'fast_hist', 'find_modules', 'StatsEngine', 'batch_key']
+           'tensor_hist', 'fast_hist', 'find_modules', 'StatsEngine', 'batch_key', 'training_fit']
 
 # %% ../nbs/01_stats.ipynb #fb01016e
 STATS = ('mean','std','absmax','near_zero','zero','nan','inf')
@@ -289,6 +289,11 @@ def _params(self:StatsEngine):
 def batch_key(learn):
     "The key of `learn`'s current batch for `StatsEngine.begin`"
     return (learn.epoch, learn.training, learn.iter, learn.train_iter, id(learn.dl))
+
+# %% ../nbs/01_stats.ipynb #9162bc9c
+def training_fit(learn):
+    "False inside `lr_find` or a prediction loop (`get_preds`, `validate`), where `before_fit` fires too"
+    return not hasattr(learn, 'lr_finder') and not hasattr(learn, 'gather_preds')
 
 # %% ../nbs/01_stats.ipynb #b94f04f8
 @patch
