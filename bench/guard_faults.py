@@ -83,7 +83,7 @@ def run(fault, config, epochs=3, at=30, lr=3e-3, size=8, seed=0):
                 layer=evs[0]['layer'] if evs else None, n_events=len(evs), reg=reg)
 
 @call_parse
-def main(epochs:int=3, # Epochs per fit
+def main(epochs:int=10, # Epochs per fit (10: near convergence, as in the false-alarm run)
          at:int=30, # Training batch at which each fault is injected
          threads:int=1, # torch threads (the machine is shared)
          configs:str=None, # Semicolon-separated subset of configurations

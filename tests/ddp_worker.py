@@ -33,11 +33,11 @@ def main(out, names):
             if self.training: self.ds.append(digest(self.learn.model))
 
     class Inject(Callback):
-        "Write a fault into rank `on`'s slice of training batch `k` (after `BatchShardTrainer` sliced it)"
+        "Write a fault into rank `on`'s slice of training batches `k` to `k+n-1` (after `BatchShardTrainer` sliced it)"
         order = 0
-        def __init__(self, kind, k, on=1): self.kind,self.k,self.on = kind,k,on
+        def __init__(self, kind, k, on=1, n=1): self.kind,self.k,self.on,self.n = kind,k,on,n
         def before_batch(self):
-            if not self.training or rank()!=self.on or self.train_iter!=self.k: return
+            if not self.training or rank()!=self.on or not self.k<=self.train_iter<self.k+self.n: return
             x = self.xb[0].clone()
             if self.kind=='nan': x[0,0] = float('nan')
             else: x = x*1e6
@@ -71,13 +71,13 @@ def main(out, names):
         return dict(names=m.names, k=m.k, pos=m.pos[k].tolist(), stats=m.buf[k,:,:7].tolist(), grads=m.buf[k,:,7:].tolist(),
                     hist=m.hbuf[k].tolist(), n_stats=len(MONITOR_STATS))
 
-    def run(name, action=None, fault=None, k=3, guard_kw=None, stats_at=None, opt='adam', mon=False, local=False, accel=False, ctx=False):
+    def run(name, action=None, fault=None, k=3, guard_kw=None, stats_at=None, opt='adam', mon=False, local=False, accel=False, ctx=False, n=1):
         set_seed(0)
         dls = digits_dls(flat=True, bs=64)
         model = nn.Sequential(nn.Linear(64,64), nn.ReLU(), nn.Linear(64,64), nn.ReLU(), nn.Linear(64,10))
         dg = Digests()
         cbs = [dg] if accel or ctx else [BatchShardTrainer(), dg]
-        if fault: cbs.append(Inject(fault, k))
+        if fault: cbs.append(Inject(fault, k, n=n))
         g = ExplosionGuard(action=action, verbose=False, **(guard_kw or {})) if action else None
         # negative control: each rank decides on its own verdict, as a guard that ignores distribution would
         if local: g._decide = lambda v: v.tolist()
@@ -113,7 +113,7 @@ def main(out, names):
         ctx_nan_skip=dict(action='skip', fault='nan', k=3, ctx=True),
         huge_skip=dict(action='skip', fault='huge', k=4, guard_kw=dict(modules=['0','2','4'])), # names of the user's model
         huge_skip_local=dict(action='skip', fault='huge', k=4, local=True),
-        nan_rollback=dict(action='rollback', fault='nan', k=7, guard_kw=dict(snapshot_every=2)),
+        nan_rollback=dict(action='rollback', fault='nan', k=7, n=2, guard_kw=dict(snapshot_every=2, lr_recover=0)), # two bad batches in a row
         nan_stop=dict(action='stop', fault='nan', k=6, guard_kw=dict(snapshot_every=2)),
         accel_clean=dict(accel=True),
         accel_huge_skip=dict(action='skip', fault='huge', k=4, accel=True, mon=True),

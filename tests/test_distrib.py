@@ -68,7 +68,9 @@ def test_fault_on_rank1(ranks, name):
     d = r0['digests'] # d[0]: before training; d[i+1]: after batch i
     assert len(d)==r0['ran']+1
     if action=='skip': assert d[k+1]==d[k] and d[k+2]!=d[k+1]
-    if action=='rollback': assert d[k+1]!=d[k] and d[k+1] in d[:k] and r0['lr_scale']==r1['lr_scale']==0.5
+    if action=='rollback': # the first bad batch is dropped; the second in a row goes back to the trusted snapshot
+        assert d[k+1]==d[k] and d[k+2]!=d[k+1] and d[k+2] in d[:k] and r0['lr_scale']==r1['lr_scale']==0.5
+        assert [e['iter'] for e in r0['events']]==[k, k+1]
     if action=='warn': assert d[k+1]!=d[k]
     if action=='stop':
         assert r0['ran']==r1['ran']==k and r0['final'] in d[:k+1]

@@ -8,6 +8,7 @@ from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
+from fastai.callback.core import Callback
 import fastai.callback.schedule  # fit_one_cycle
 from deepstable_fastai.guard import ExplosionGuard
 
@@ -47,3 +48,29 @@ def test_healthy_resnet_no_false_alarm():
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(10, 3e-3)
     assert learn.explosion_guard.events == []
     assert learn.validate()[1] > 0.95
+
+@pytest.mark.parametrize('fault', ['nan_input', 'module_nan', 'lr_spike'])
+def test_rollback_keeps_accuracy(fault):
+    "A one-off fault, rolled back with the defaults, costs at most 1 point of the clean run's accuracy (10 epochs)"
+    clean = run('clean', 'no guard', epochs=10, at=-1)
+    r = run(fault, 'guard rollback', epochs=10, at=30)
+    assert r['finite'] and r['n_events'] == (2 if fault=='lr_spike' else 1) # the spike: the batch dropped, then a snapshot
+    assert r['acc'] >= clean['acc'] - 1.0, (r['acc'], clean['acc'])
+
+def test_replay_does_not_shift_rng():
+    "Localising a NaN by replaying its batch (through a Dropout) leaves the random stream as it was"
+    import torch.nn as nn
+    class Boom(nn.Module):
+        on = False
+        def forward(self, x): return x*float('nan') if self.on else x
+    class Arm(Callback):
+        def before_batch(self): self.learn.model[3].on = self.training and self.train_iter==3
+    class RNG(Callback):
+        order = 10.4  # just before the guard's decision
+        def before_step(self): self.s = torch.get_rng_state()
+        def after_cancel_step(self): self.same = torch.equal(self.s, torch.get_rng_state())
+    m = nn.Sequential(nn.Flatten(), nn.Linear(64,50), nn.Dropout(0.5), Boom(), nn.Linear(50,10))
+    learn = Learner(make_dls(), m, loss_func=CrossEntropyLossFlat(), cbs=[ExplosionGuard('skip', verbose=False), Arm(), RNG()])
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, lr=1e-3)
+    assert learn.explosion_guard.events[0]['layer'] == 'input of 4'
+    assert learn.rng.same
