@@ -5,7 +5,7 @@ from fastai.vision.all import *
 from fastai.callback.hook import ActivationStats
 from deepstable_fastai.data import digits_dls, digits_image_dls
 from deepstable_fastai.monitor import ActivationMonitor
-from deepstable_fastai.stats import stats_kernel, kernel_error
+from deepstable_fastai.stats import kernel_path, _Hook
 warnings.filterwarnings('ignore')
 
 class Limit(Callback):
@@ -18,6 +18,7 @@ class Limit(Callback):
 
 VARIANTS = {
     'no callback': lambda: [],
+    'no callback again (noise floor)': lambda: [],
     'fastai ActivationStats()': lambda: [ActivationStats()],
     'fastai ActivationStats(with_hist=True)': lambda: [ActivationStats(with_hist=True)],
     'ActivationMonitor() default': lambda: [ActivationMonitor()],
@@ -46,7 +47,7 @@ def self_targets(k):
     from deepstable_fastai.stats import StatsEngine
     if k.startswith('fastai'): return [(Hook,'hook_fn'), (ActivationStats,'after_batch')]
     if k.startswith('ActivationMonitor'):
-        return [(StatsEngine,'_hook')]+[(ActivationMonitor,o) for o in ('before_batch','before_step','after_step','after_batch')]
+        return [(_Hook,'__call__')]+[(ActivationMonitor,o) for o in ('before_batch','before_step','after_step','after_batch')]
     return []
 
 def make(model):
@@ -91,6 +92,6 @@ if __name__=='__main__':
     a = p.parse_args()
     torch.set_num_threads(2)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY','(unset)')}, "
-          f"C kernel: {stats_kernel(wait=True) is not None} {kernel_error() or ''}")
+          f"statistics path: {kernel_path(wait=True)}")
     print(time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()))
     for m in a.models.split(','): table(m, run(m, a.batches, a.repeats), a.batches, a.repeats)

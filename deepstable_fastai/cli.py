@@ -1,4 +1,4 @@
-"""`deepstable demo`, `deepstable train` and `deepstable check`: the seed's story, your own images, and a pre-flight check, each ending in a report.
+"""`deepstable demo`, `deepstable train` and `deepstable check`: why deep networks explode and what cures them, your own images, and a pre-flight check, each ending in a report.
 
 Docs: https://deepstable.github.io/deepstable-fastai/cli.html.md"""
 
@@ -23,22 +23,39 @@ def _fail(msg): raise UsageError(msg)
 def _one_process(cmd):
     if int(os.environ.get('WORLD_SIZE', 1))>1: _fail(f"runs in one process; start `deepstable {cmd}` without torchrun or accelerate launch")
 
+def _lines():
+    "One line per epoch instead of progress bars: stdout is a file, a pipe or a CI log"
+    return not (hasattr(sys.stdout, 'isatty') and sys.stdout.isatty())
+
+def _plain(s): return s.replace('`','').replace('**','')
+
 # %% ../nbs/09_cli.ipynb #774e9b64
+def _depths(s, quick):
+    if s is None: return (10,20,50) if quick else (10,20,50,100)
+    try: ds = tuple(int(o) for o in s.split(',') if o.strip())
+    except ValueError: _fail(f"--sweep: expected comma-separated depths such as 10,20,50, got {s!r}")
+    if any(d<0 for d in ds): _fail(f"--sweep: depths must be positive, got {s!r}")
+    return tuple(d for d in ds if d>0)
+
 @call_parse
 def demo(out:str='deepstable-report', # Report folder
          depth:int=None, # Layers of the plain variants and blocks of the residual one (default 20, 12 with --quick)
-         epochs:int=None, # Epochs per variant (default 5, 2 with --quick)
+         epochs:int=None, # Epochs per variant (default 5, 3 with --quick)
          quick:store_true=False, # A short run: under 2 minutes on 2 CPU cores
          seed:int=42, # Random seed for the split and the weights
-         lr:float=1e-2): # Peak one-cycle learning rate
-    "Run the seed's story (naive, kaiming, batchnorm, resblock) on the digits and write a stability report"
+         lr:float=None, # One peak lr for every variant; default: each variant's own, from lr_find
+         sweep:str=None): # Depth sweep depths, comma-separated (default 10,20,50,100; 10,20,50 with --quick); 0 for none
+    "Train four deep networks (N(0,1) weights, Kaiming, BatchNorm, residual) and a depth sweep on the digits; write a report"
     from deepstable_fastai.demo import run_demo
     _one_process('demo')
-    depth,epochs = ifnone(depth, 12 if quick else 20),ifnone(epochs, 2 if quick else 5)
+    depth,epochs = ifnone(depth, 12 if quick else 20),ifnone(epochs, 3 if quick else 5)
     if depth<=0: _fail(f"--depth must be positive, got {depth}")
     if epochs<=0: _fail(f"--epochs must be positive, got {epochs}")
-    s = run_demo(out, depth=depth, epochs=epochs, lr=lr, seed=seed)
-    for r in s['runs']: print(f"{r['name']:>10}: {r['headline']}".replace('`',''))
+    if lr is not None and lr<=0: _fail(f"--lr must be positive, got {lr}")
+    s = run_demo(out, depth=depth, epochs=epochs, lr=lr, seed=seed, sweep_depths=_depths(sweep, quick),
+                 sweep_epochs=2 if quick else 3, lines=_lines())
+    for i,t in enumerate(s['story'], 1): print(f"{i}. {_plain(t)}")
+    for r in s['runs']: print(f"{r['name']:>10}: {_plain(r['headline'])}")
     print(f"report: {Path(out)/'report.html'}")
     runs = {r['name']:r for r in s['runs']}
     ok = runs['naive']['verdict']=='exploded' and runs['resblock']['verdict']=='trained'
@@ -79,44 +96,31 @@ def _image_dls(path, size, bs, valid_pct, seed, device=None):
 
 # %% ../nbs/09_cli.ipynb #438d4e43
 def _train(path, arch, stem, epochs, lr, size, bs, out, valid_pct, seed, action):
-    import torch
     from fastai.vision.all import vision_learner, accuracy, set_seed
     from deepstable_fastai.distrib import setup_device, data_parallel, is_rank0
+    from deepstable_fastai.learner import bn_stem
+    from deepstable_fastai.monitor import ActivationMonitor
+    from deepstable_fastai.guard import ExplosionGuard
+    from deepstable_fastai.run import train_report
+    from deepstable_fastai.report import write_report
     a = _resolve_arch(arch)
     dev = setup_device()
     set_seed(seed)  # the same on every rank: same split, same initial weights
     dls = _image_dls(path, size, bs, valid_pct, seed, device=dev)
-    from deepstable_fastai.learner import bn_stem
-    from deepstable_fastai.monitor import ActivationMonitor
-    from deepstable_fastai.guard import ExplosionGuard
-    from deepstable_fastai.demo import _save, _deepest_act
-    from deepstable_fastai.report import write_summary, write_html
     learn = vision_learner(dls, bn_stem(a) if stem and not isinstance(a, str) else a, pretrained=False, metrics=accuracy,
                            cbs=[ActivationMonitor(with_hist=True), ExplosionGuard(action=action)])
-    t0,g = time.time(),learn.explosion_guard
-    with warnings.catch_warnings(), data_parallel(learn):
-        warnings.simplefilter('ignore'); learn.fit_one_cycle(epochs, lr)
-        secs = (time.time()-t0)/epochs
-        loss_fig = g.plot_events() if is_rank0() else None  # before `validate`, which resets the recorder's losses
-        acc = float(learn.validate()[1])  # on every rank: fastai gathers predictions across processes
-    if not is_rank0(): return dict(runs=[dict(events=g.events)])  # the guard's events are identical on every rank
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    mon,i = learn.activation_monitor,_deepest_act(learn)
-    figs = [_save(loss_fig, out, 'train_loss_events.png'), _save(mon.plot(), out, 'train_std_heatmap.png'),
-            _save(mon.color_dim(i), out, 'train_color_dim.png'), _save(mon.dead_chart(i), out, 'train_dead_units.png')]
-    r = dict(name=f'{arch}{"+stem" if stem else ""}', description=f'vision_learner({arch}) on {path}', depth=len(mon.names),
-             epochs=epochs, lr=lr, accuracy=acc, secs_per_epoch=secs,
-             finite_weights=bool(all(t.isfinite().all() for t in learn.model.state_dict().values() if t.is_floating_point())),
-             events=[dict(e) for e in g.events], figures=figs)
-    s = write_summary(out, [r], dict(command='train', path=str(path), arch=arch, stem=stem, epochs=epochs, lr=lr, size=size, bs=bs))
-    write_html(out)
-    return s
+    name = f'{arch}{"+stem" if stem else ""}'
+    r = train_report(learn, out, name, epochs, lr, lines=_lines(), ctx=data_parallel(learn), save=is_rank0(),
+                     description=f'vision_learner({arch}) on {path}')
+    if not is_rank0(): return dict(runs=[r])  # the guard's events are identical on every rank
+    r['depth'] = len(learn.activation_monitor.names)
+    return write_report(out, [r], dict(command='train', path=str(path), arch=arch, stem=stem, epochs=epochs, lr=lr, size=size, bs=bs))
 
 # %% ../nbs/09_cli.ipynb #3a11081d
 @call_parse
 def train(path:str, # ImageNet-style folder: train/ and valid/, or one folder per class
           arch:str='resnet18', # torchvision/fastai arch name (or a timm name when timm is installed)
-          no_stem:store_true=False, # Leave out the seed's input-BatchNorm stem (on by default)
+          no_stem:store_true=False, # Leave out the input-BatchNorm stem (on by default)
           epochs:int=3, # Epochs of one-cycle training
           lr:float=1e-3, # Peak learning rate
           size:int=64, # Images are resized to size x size
@@ -130,7 +134,7 @@ def train(path:str, # ImageNet-style folder: train/ and valid/, or one folder pe
     if action not in ('warn','skip','rollback','stop'): _fail(f"--action must be warn, skip, rollback or stop, got {action!r}")
     s = _train(path, arch, not no_stem, epochs, lr, size, bs, out, valid_pct, seed, action)
     r = s['runs'][0]
-    if 'headline' in r: print(f"{r['name']}: {r['headline']}".replace('`','')); print(f"report: {Path(out)/'report.html'}")
+    if 'headline' in r: print(f"{r['name']}: {_plain(r['headline'])}"); print(f"report: {Path(out)/'report.html'}")
     return 1 if r['events'] else 0
 
 # %% ../nbs/09_cli.ipynb #7b9af7f5

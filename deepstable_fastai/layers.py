@@ -1,4 +1,4 @@
-"""The seed's residual block, its bottleneck branch with a zero-gamma BatchNorm, and its BatchNorm stem, as modules.
+"""A residual block, its bottleneck branch with a zero-gamma BatchNorm, and an input-BatchNorm stem, as modules.
 
 Docs: https://deepstable.github.io/deepstable-fastai/layers.html.md"""
 
@@ -21,7 +21,9 @@ class ResBlock(nn.Module):
         self.residual,self.shortcut = residual,ifnone(shortcut, nn.Identity())
     def forward(self, x):
         r,s = self.residual(x),self.shortcut(x)
-        if r.shape!=s.shape: raise ValueError(f"`residual` output {tuple(r.shape)} != shortcut output {tuple(s.shape)}; pass a projection `shortcut`")
+        if r.shape!=s.shape:
+            raise ValueError(f"`residual` output {tuple(r.shape)} != shortcut output {tuple(s.shape)}; "
+                             "pass a projection `shortcut`")
         return s + r
 
 # %% ../nbs/05_layers.ipynb #8f1f7cc8
@@ -50,13 +52,14 @@ def bottleneck(nf:int, # channels (or features) in
                stride:int=1, # stride of the middle conv
                ndim:int=2, # 2: images (Conv2d), 1: vectors (Linear)
                bn:bool=True, # use BatchNorm
-               bn_1st:bool=False, # conv-BN-ReLU instead of the seed's conv-ReLU-BN
+               bn_1st:bool=False, # conv-BN-ReLU instead of conv-ReLU-BN
                zero_bn:bool=True): # start the last BatchNorm's gamma at 0
-    "The seed's residual branch: 1x1 down to `nh`, `ks`x`ks`, 1x1 up to `nf_out`, each with ReLU and BatchNorm"
+    "A residual branch: 1x1 down to `nh`, `ks`x`ks`, 1x1 up to `nf_out`, each with ReLU and BatchNorm"
     if not isinstance(nf, int) or nf<=0: raise ValueError(f"`nf` must be a positive int, got {nf!r}")
     if ndim not in (1,2): raise ValueError(f"`ndim` must be 1 (vectors) or 2 (images), got {ndim!r}")
     nf_out,nh = ifnone(nf_out, nf),ifnone(nh, (nf+1)//2)
-    layers = _unit(nf, nh, 1, 1, ndim, bn, bn_1st) + _unit(nh, nh, ks, stride, ndim, bn, bn_1st) + _unit(nh, nf_out, 1, 1, ndim, bn, bn_1st, act=not bn_1st)
+    layers = (_unit(nf, nh, 1, 1, ndim, bn, bn_1st) + _unit(nh, nh, ks, stride, ndim, bn, bn_1st)
+              + _unit(nh, nf_out, 1, 1, ndim, bn, bn_1st, act=not bn_1st))
     res = nn.Sequential(*layers)
     if bn and zero_bn: nn.init.zeros_(res[-1].weight)
     return res
@@ -83,14 +86,15 @@ def residual_blocks(model):
 def zero_gamma_(model):
     "Zero gamma of the last BatchNorm in every residual branch of `model`; returns how many"
     bns = [o for o in map(_branch_bn, residual_blocks(model)) if o is not None]
-    if not bns: raise ValueError(f"`model` ({type(model).__name__}) has no residual branch ending in BatchNorm; expected ResBlock, fastai ResBlock or torchvision BasicBlock/Bottleneck blocks")
+    if not bns: raise ValueError(f"`model` ({type(model).__name__}) has no residual branch ending in BatchNorm; "
+                                 "expected ResBlock, fastai ResBlock or torchvision BasicBlock/Bottleneck blocks")
     with torch.no_grad():
         for bn in bns: bn.weight.zero_()
     return len(bns)
 
 # %% ../nbs/05_layers.ipynb #3dc60ede
 class BNStem(nn.Sequential):
-    "The seed's stem: BatchNorm over the `n_in` input channels, then optionally conv(`nf`, `ks`)-ReLU-BatchNorm"
+    "Input stem: BatchNorm over the `n_in` input channels, then optionally conv(`nf`, `ks`)-ReLU-BatchNorm"
     def __init__(self, n_in:int, # input channels (or features)
                  nf:int|None=None, # if given, add conv to `nf` channels, ReLU and BatchNorm
                  ks:int=3, # kernel size of the conv

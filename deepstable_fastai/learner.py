@@ -1,4 +1,4 @@
-"""`resblock_learner`: all three of the seed's cures in one deep network, and a BatchNorm stem for `vision_learner`.
+"""`resblock_learner`: three cures for exploding networks in one network, and an input BatchNorm for `vision_learner`.
 
 Docs: https://deepstable.github.io/deepstable-fastai/learner.html.md"""
 
@@ -11,17 +11,18 @@ from fastcore.all import *
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import params
-from fastai.vision.learner import model_meta
+from fastai.vision.learner import model_meta, create_body, default_split, TimmBody
 from .init import kaiming_init_
 from .layers import ResBlock, bottleneck, projection, zero_gamma_, BNStem, _unit
 
 # %% auto #0
 __all__ = ['resblock_net', 'resblock_split', 'resblock_learner', 'WithStem', 'insert_stem_', 'BNStemArch', 'bn_stem',
-           'add_bn_stem']
+           'add_bn_stem', 'timm_split']
 
 # %% ../nbs/06_learner.ipynb #6bed5351
 def _check_pos(name, v):
-    if not isinstance(v, int) or isinstance(v, bool) or v<=0: raise ValueError(f"`{name}` must be a positive int, got {v!r}")
+    if not isinstance(v, int) or isinstance(v, bool) or v<=0:
+        raise ValueError(f"`{name}` must be a positive int, got {v!r}")
 
 def _stage_sizes(n_blocks, n_stages): return [n_blocks//n_stages + (i < n_blocks%n_stages) for i in range(n_stages)]
 
@@ -31,10 +32,11 @@ def resblock_net(n_in:int, # input channels (images) or features (vectors)
                  n_blocks:int=8, # residual blocks in the body
                  nf:int=16, # width of the first stage
                  ndim:int=2, # 2: images, 1: vectors
-                 n_stages:int=2, # stages (images only), each after the first halves the resolution and doubles `nf`
+                 n_stages:int=3, # stages (images only), each after the first halves the resolution and doubles `nf`
                  bn:bool=True, # use BatchNorm (stem, branches, shortcuts)
-                 bn_1st:bool=False, # conv-BN-ReLU instead of the seed's conv-ReLU-BN
-                 zero_gamma:bool=True): # start each branch's last BatchNorm at gamma 0
+                 bn_1st:bool=False, # conv-BN-ReLU instead of conv-ReLU-BN
+                 zero_gamma:bool=True, # start each branch's last BatchNorm at gamma 0
+                 head_bn:bool=True): # with `bn`, a BatchNorm between the pooled features and the linear layer
     "Stem, `n_blocks` `ResBlock(bottleneck(...))` and a pooled head, Kaiming-initialised"
     for k,v in dict(n_in=n_in, n_out=n_out, n_blocks=n_blocks, nf=nf, n_stages=n_stages).items(): _check_pos(k, v)
     stem = BNStem(n_in, nf, ndim=ndim) if bn else nn.Sequential(*_unit(n_in, nf, 3, 1, ndim, False, False))
@@ -45,7 +47,8 @@ def resblock_net(n_in:int, # input channels (images) or features (vectors)
             no = ni*2 if down else ni
             br = bottleneck(ni, no, stride=2 if down else 1, ndim=ndim, bn=bn, bn_1st=bn_1st, zero_bn=zero_gamma)
             blocks.append(ResBlock(br, projection(ni, no, 2, ndim, bn) if down else None)); ni = no
-    head = nn.Sequential(*([nn.AdaptiveAvgPool2d(1), nn.Flatten()] if ndim==2 else []), nn.Linear(ni, n_out))
+    pool = [nn.AdaptiveAvgPool2d(1), nn.Flatten()] if ndim==2 else []
+    head = nn.Sequential(*pool, *([nn.BatchNorm1d(ni)] if bn and head_bn else []), nn.Linear(ni, n_out))
     m = kaiming_init_(nn.Sequential(stem, nn.Sequential(*blocks), head))
     if bn and zero_gamma: zero_gamma_(m)
     return m
@@ -66,36 +69,34 @@ def _opt_cb(v, mod, cls):
     if v is None or v is False: return []
     if v is not True: return [v]
     try: return [getattr(importlib.import_module(f'deepstable_fastai.{mod}'), cls)()]
-    except (ImportError, AttributeError) as e: raise ImportError(f"`{mod}=True` needs deepstable_fastai.{mod}.{cls}: {e}") from e
+    except (ImportError, AttributeError) as e:
+        raise ImportError(f"`{mod}=True` needs deepstable_fastai.{mod}.{cls}: {e}") from e
 
 # %% ../nbs/06_learner.ipynb #a4a3ccff
 @delegates(Learner.__init__)
-def resblock_learner(dls, n_blocks:int=8, nf:int=16, n_stages:int=2, bn:bool=True, bn_1st:bool=False, zero_gamma:bool=True,
+def resblock_learner(dls, n_blocks:int=8, nf:int=16, n_stages:int=3, bn:bool=True, bn_1st:bool=False,
+                     zero_gamma:bool=True, head_bn:bool=True,
                      n_out:int|None=None, # outputs, `dls.c` if None
                      monitor=False, # True or an `ActivationMonitor` to attach
                      guard=False, # True or an `ExplosionGuard` to attach
                      loss_func=None, splitter=resblock_split, cbs=None, **kwargs):
     "A `Learner` for a `resblock_net` sized from `dls`; see `resblock_net` for the arguments"
     n_out = ifnone(n_out, getattr(dls, 'c', None))
-    if not n_out: raise ValueError("`dls` has no `c` (number of classes); expected classification DataLoaders, or pass `n_out`")
+    if not n_out:
+        raise ValueError("`dls` has no `c` (number of classes); expected classification DataLoaders, or pass `n_out`")
     ndim,n_in = _data_shape(dls)
-    m = resblock_net(n_in, n_out, n_blocks, nf, ndim, n_stages, bn, bn_1st, zero_gamma)
+    m = resblock_net(n_in, n_out, n_blocks, nf, ndim, n_stages, bn, bn_1st, zero_gamma, head_bn)
     cbs = L(cbs) + _opt_cb(monitor, 'monitor', 'ActivationMonitor') + _opt_cb(guard, 'guard', 'ExplosionGuard')
     return Learner(dls, m, loss_func=ifnone(loss_func, CrossEntropyLossFlat()), splitter=splitter, cbs=cbs, **kwargs)
 
 # %% ../nbs/06_learner.ipynb #61676d5b
 class WithStem(nn.Module):
-    "Run `stem` (a `BNStem` over `layer`'s input channels by default) then `layer`, registering `layer` first"
+    "Run `stem` (a `BNStem` over `layer`'s input channels by default), then `layer`"
     def __init__(self, layer:nn.Module, # the model's first parameterised layer
                  stem:nn.Module|None=None): # runs before `layer`; `BNStem(in_channels)` if None
         super().__init__()
-        self.layer = layer
         self.stem = ifnone(stem, BNStem(_in_channels(layer)))
-    def __setattr__(self, k, v):
-        super().__setattr__(k, v)
-        # `create_body` replaces the first conv by an `n_in`-channel one through setattr: follow it
-        if k=='layer' and isinstance(self._modules.get('stem'), BNStem) and self.stem[0].num_features!=_in_channels(v):
-            super().__setattr__('stem', BNStem(_in_channels(v)).to(next(v.parameters()).device))
+        self.layer = layer
     def forward(self, x): return self.layer(self.stem(x))
 
 def _in_channels(l):
@@ -104,30 +105,47 @@ def _in_channels(l):
     return n
 
 # %% ../nbs/06_learner.ipynb #59f31940
+def _first_layer(model):
+    "(parent, name, module) of `model`'s first parameterised layer, or of the `WithStem` around it"
+    p,n,c = None,None,model
+    for k in next(model.named_parameters())[0].split('.')[:-1]:
+        if isinstance(c, WithStem): break
+        p,n,c = c,k,getattr(c, k)
+    return p,n,c
+
 def insert_stem_(model:nn.Module, stem:nn.Module|None=None): # `stem` as in `WithStem`
-    "Wrap the first parameterised layer of `model` in `WithStem`; returns `model`"
-    path = next(model.named_parameters())[0].split('.')[:-1]
-    p,c = None,model
-    for n in path: p,c = c,getattr(c, n)
-    if isinstance(p, WithStem): return model
+    "Wrap the first parameterised layer of `model` in `WithStem`, unless it is already; returns `model`"
+    p,n,c = _first_layer(model)
+    if isinstance(c, WithStem): return model
+    if p is None:
+        raise ValueError(f"`model` ({type(model).__name__}) is itself the first layer; wrap it as `WithStem(model)`")
     dev = next(c.parameters()).device
-    setattr(p, path[-1], WithStem(c, None if stem is None else stem.to(dev)).to(dev))
+    setattr(p, n, WithStem(c, None if stem is None else stem.to(dev)).to(dev))
     return model
 
 # %% ../nbs/06_learner.ipynb #a5ae74c3
+class _StemCut:
+    "A `model_meta` cut: insert the stem, then cut as `cut` would"
+    def __init__(self, cut): self.cut = cut
+    def __call__(self, model): return create_body(insert_stem_(model), pretrained=False, cut=self.cut)
+
 class BNStemArch:
-    "`arch` with its first layer behind a `BNStem`; see `bn_stem`"
+    "`arch` for fastai's builders, which insert a `BNStem` before its first layer; see `bn_stem`"
     def __init__(self, arch): self.arch,self.__name__ = arch,f"bn_stem({getattr(arch, '__name__', arch)})"
-    def __call__(self, *args, **kwargs): return insert_stem_(self.arch(*args, **kwargs))
+    def __call__(self, *args, **kwargs): return self.arch(*args, **kwargs)
     def __eq__(self, o): return type(o) is type(self) and o.arch==self.arch
     def __hash__(self): return hash((type(self), self.arch))
     def __repr__(self): return self.__name__
 
 def bn_stem(arch): # an arch function, e.g. `resnet18` or `xresnet34`
-    "An arch for `vision_learner`: `arch` with the seed's input BatchNorm before its first layer"
-    if isinstance(arch, str): raise TypeError(f"bn_stem takes an arch function; for the timm arch {arch!r} use `add_bn_stem(vision_learner(dls, {arch!r}))`")
+    "An arch for `vision_learner`: `arch` with an input BatchNorm before its first layer"
+    if isinstance(arch, str):
+        raise ValueError(f"`arch` must be an arch function; for the timm arch {arch!r} use "
+                         f"`add_bn_stem(vision_learner(dls, {arch!r}))`")
     res = BNStemArch(arch)
-    if arch in model_meta and res not in model_meta: model_meta[res] = {**model_meta[arch]}
+    if res not in model_meta:
+        meta = model_meta.get(arch, {'cut':None, 'split':default_split})
+        model_meta[res] = {**meta, 'cut':_StemCut(meta['cut'])}
     return res
 
 # %% ../nbs/06_learner.ipynb #522126e0
@@ -137,3 +155,15 @@ def add_bn_stem(learn:Learner): # e.g. from `vision_learner`, timm archs include
     insert_stem_(learn.model)
     if fi is not None: learn.create_opt(); learn.freeze_to(fi)
     return learn
+
+# %% ../nbs/06_learner.ipynb #c5a77472
+def timm_split(m:nn.Module): # a model from `vision_learner(dls, '<timm arch>')`
+    "Stem and first half of the stages, the other half, and the head of a timm `vision_learner` model"
+    if not (isinstance(m, nn.Sequential) and len(m)>1 and isinstance(m[0], TimmBody)):
+        raise ValueError(f"`m` must be a `vision_learner` model of a timm arch (`TimmBody`, head), "
+                         f"got {type(m).__name__}")
+    from timm.models import group_parameters
+    b = m[0].model
+    g = group_parameters(b, b.group_matcher(coarse=True), return_values=True)
+    ks = sorted(g); h = (len(ks)+1)//2
+    return L(L(g[k] for k in ks[:h]).concat(), L(g[k] for k in ks[h:]).concat(), params(m[1:]))

@@ -6,12 +6,12 @@ Docs: https://deepstable.github.io/deepstable-fastai/report.html.md"""
 
 # %% ../nbs/07_report.ipynb #0a58013a
 from __future__ import annotations
-import base64, html, json, math, time
+import base64, html, json, math, re, time
 from pathlib import Path
 from fastcore.all import *
 
 # %% auto #0
-__all__ = ['run_verdict', 'headline', 'write_summary', 'write_html']
+__all__ = ['run_verdict', 'headline', 'write_summary', 'write_html', 'write_report']
 
 # %% ../nbs/07_report.ipynb #0e181b5a
 _explode_kinds = {'nonfinite_loss','nonfinite_grad','nonfinite_act','exploding_act','exploding_grad','huge_loss'}
@@ -58,29 +58,43 @@ def _jsonable(o):
     return str(o)
 
 # %% ../nbs/07_report.ipynb #31144a91
+def _row(r):
+    e = _first_event(r, r['verdict'])
+    first = f"{e['kind']} at epoch {e['epoch']} batch {e['iter']} in `{e.get('layer') or '?'}`" if e else ''
+    acc,lr = r.get('accuracy'),r.get('lr')
+    acc = f'{acc:.1%}' if isinstance(acc, float) and math.isfinite(acc) else 'n/a'
+    lr = f'{lr:.2g}' if isinstance(lr, float) else ''
+    secs = f"{r['secs_per_epoch']:.1f}" if isinstance(r.get('secs_per_epoch'), float) else ''
+    return f"| {r['name']} | {r['verdict']} | {acc} | {lr} | {r.get('depth','')} | {secs} | {len(r['events'])} | {first} |"
+
 def write_summary(out:Path, # report folder
                   results:list, # one dict per run
-                  meta:dict=None # what was run: command, arguments, versions
+                  meta:dict=None, # what was run: command, arguments, versions
+                  story:list=None, # sentences (markdown) that tell what the runs show, in order
+                  panels:list=None # figures about all runs: dicts with `title`, `text` and `figure` (a file in `out`)
                  ) -> dict:
     "Write `summary.json` and `summary.md` for `results` into `out`; return the summary"
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     runs = [{**r, 'verdict':run_verdict(r), 'headline':headline(r)} for r in results]
-    summ = _jsonable(dict(created=time.strftime('%Y-%m-%d %H:%M:%S'), meta=meta or {}, runs=runs))
+    summ = _jsonable(dict(created=time.strftime('%Y-%m-%d %H:%M:%S'), meta=meta or {}, story=story or [],
+                          panels=panels or [], runs=runs))
     (out/'summary.json').write_text(json.dumps(summ, indent=2))
-    rows = ['| run | verdict | accuracy | depth | s/epoch | events | first event |', '|---|---|---|---|---|---|---|']
-    for r in runs:
-        e = _first_event(r, r['verdict'])
-        first = f"{e['kind']} at epoch {e['epoch']} batch {e['iter']} in `{e.get('layer') or '?'}`" if e else ''
-        acc = r.get('accuracy')
-        rows.append(f"| {r['name']} | {r['verdict']} | {acc:.1%} | {r.get('depth','')} | {r.get('secs_per_epoch',0):.1f} | {len(r['events'])} | {first} |"
-                    if isinstance(acc,float) else f"| {r['name']} | {r['verdict']} | n/a | {r.get('depth','')} | | {len(r['events'])} | {first} |")
-    md = [f"# deepstable stability report", '', *rows, '']
-    md += [f"- **{r['name']}**: {r.get('description','')}. {r['headline']}" for r in runs]
+    md = ["# deepstable stability report", '', *[f"{i}. {s}" for i,s in enumerate(summ['story'], 1)], '',
+          '| run | verdict | accuracy | lr | depth | s/epoch | events | first event |', '|---|---|---|---|---|---|---|---|',
+          *map(_row, runs), '']
+    md += [f"- **{r['name']}**: {r.get('description','')}. {r['headline']}" +
+           (f". lr {r['lr']:.2g}: {r['lr_reason']}" if r.get('lr_reason') else '') for r in runs]
+    for p in summ['panels']: md += ['', f"## {p['title']}", '', p.get('text',''), '', f"![{p['title']}]({p['figure']})"]
     (out/'summary.md').write_text('\n'.join(md)+'\n')
     return summ
 
 # %% ../nbs/07_report.ipynb #72af8a2f
 def _fmt(v): return f'{v:.3g}' if isinstance(v, float) else str(v)
+
+def _inline(s):
+    "Escape `s` for HTML, keeping markdown's `code` and **bold**"
+    s = re.sub(r'`([^`]+)`', r'<code>\1</code>', html.escape(s))
+    return re.sub(r'\*\*([^*]+)\*\*', r'<b>\1</b>', s)
 
 _colors = dict(exploded='#d9534f', vanishing='#f0ad4e', undertrained='#f0ad4e', trained='#5cb85c')
 
@@ -94,28 +108,49 @@ _css = """body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width
 .cards{display:flex;gap:12px;flex-wrap:wrap}.card{flex:1 1 300px;border-radius:8px;padding:12px 16px;color:white}
 .card h3{margin:0 0 6px 0}.card code{color:white}figure{display:inline-block;margin:6px;vertical-align:top}
 img{max-width:640px;border:1px solid #ddd}figcaption{font-size:12px;color:#666}table{border-collapse:collapse}
-td,th{border:1px solid #ddd;padding:4px 8px}.missing{color:#d9534f}"""
+td,th{border:1px solid #ddd;padding:4px 8px}.missing{color:#d9534f}.story{font-size:17px;line-height:1.5}"""
 
 # %% ../nbs/07_report.ipynb #5201cc20
+_evkeys = ('epoch','iter','kind','layer','pass','value','threshold','action')
+
+def _events_table(evs):
+    if not evs: return '<p>No guard events.</p>'
+    rows = ''.join('<tr>'+''.join(f'<td>{html.escape(_fmt(ev.get(k,"")))}</td>' for k in _evkeys)+'</tr>' for ev in evs[:20])
+    more = f'<p>... {len(evs)-20} more events in summary.json</p>' if len(evs)>20 else ''
+    return f'<table><tr>{"".join(f"<th>{k}</th>" for k in _evkeys)}</tr>{rows}</table>{more}'
+
+def _run_section(r, out):
+    lr = f'<p>lr {r["lr"]:.2g}{": "+_inline(r["lr_reason"]) if r.get("lr_reason") else ""}</p>' if isinstance(r.get('lr'), float) else ''
+    figs = ''.join(_img(out/p) for p in r.get('figures', []))
+    return f'<section><h2>{html.escape(r["name"])}</h2><p>{_inline(r.get("description",""))}</p>{lr}{_events_table(r["events"])}{figs}</section>'
+
 def write_html(out:Path, # report folder holding `summary.json` and the plots
                title:str='deepstable stability report'
               ) -> Path:
     "Write the self-contained `report.html` for the summary in `out`"
     out = Path(out); s = json.loads((out/'summary.json').read_text())
     e = html.escape
+    story = f'<ol class="story">{"".join(f"<li>{_inline(t)}</li>" for t in s.get("story", []))}</ol>' if s.get('story') else ''
     cards = ''.join(f'<div class="card" style="background:{_colors[r["verdict"]]}"><h3>{e(r["name"])}: {r["verdict"]}</h3>'
                     f'<div>{e(r["headline"]).replace("`","")}</div></div>' for r in s['runs'])
-    secs = []
-    for r in s['runs']:
-        evs = r['events'][:20]
-        rows = ''.join('<tr>'+''.join(f'<td>{e(_fmt(ev.get(k,"")))}</td>' for k in ('epoch','iter','kind','layer','pass','value','threshold','action'))+'</tr>' for ev in evs)
-        tbl = (f'<table><tr>{"".join(f"<th>{k}</th>" for k in ("epoch","iter","kind","layer","pass","value","threshold","action"))}</tr>{rows}</table>'
-               + (f'<p>... {len(r["events"])-20} more events in summary.json</p>' if len(r['events'])>20 else '')) if evs else '<p>No guard events.</p>'
-        figs = ''.join(_img(out/p) for p in r.get('figures', []))
-        secs.append(f'<section><h2>{e(r["name"])}</h2><p>{e(r.get("description",""))}</p>{tbl}{figs}</section>')
+    panels = ''.join(f'<section><h2>{e(p["title"])}</h2><p>{_inline(p.get("text",""))}</p>{_img(out/p["figure"])}</section>'
+                     for p in s.get('panels', []))
     meta = e(json.dumps(s.get('meta', {})))
     page = (f'<!doctype html><html><head><meta charset="utf-8"><title>{e(title)}</title><style>{_css}</style></head><body>'
-            f'<h1>{e(title)}</h1><p>Created {e(s["created"])}.</p><div class="cards">{cards}</div>{"".join(secs)}'
+            f'<h1>{e(title)}</h1><p>Created {e(s["created"])}.</p>{story}<div class="cards">{cards}</div>{panels}'
+            f'{"".join(_run_section(r, out) for r in s["runs"])}'
             f'<details><summary>run settings</summary><pre>{meta}</pre></details></body></html>')
     (out/'report.html').write_text(page)
     return out/'report.html'
+
+# %% ../nbs/07_report.ipynb #21b3ab17
+def write_report(out:Path, # report folder, holding the plots named in `results`
+                 results:list, # one dict per run, e.g. from `deepstable_fastai.run.train_report`
+                 meta:dict=None, # what was run
+                 story:list=None, # sentences (markdown) that tell what the runs show, in order
+                 panels:list=None # figures about all runs: dicts with `title`, `text` and `figure`
+                ) -> dict:
+    "Write `summary.json`, `summary.md` and `report.html` into `out`; return the summary"
+    s = write_summary(out, results, meta, story, panels)
+    write_html(out)
+    return s

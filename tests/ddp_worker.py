@@ -36,11 +36,14 @@ def main(out, names):
         "Write a fault into rank `on`'s slice of training batches `k` to `k+n-1` (after `BatchShardTrainer` sliced it)"
         order = 0
         def __init__(self, kind, k, on=1, n=1): self.kind,self.k,self.on,self.n = kind,k,on,n
+        def _on(self): return self.training and rank()==self.on and self.k<=self.train_iter<self.k+self.n
+        def after_loss(self): # a finite loss spike: the loss (and its gradient) x1000 on this rank
+            if self.kind=='spike' and self._on(): self.learn.loss_grad = self.loss_grad*1e3; self.learn.loss = self.loss*1e3
         def before_batch(self):
-            if not self.training or rank()!=self.on or not self.k<=self.train_iter<self.k+self.n: return
+            if not self._on() or self.kind=='spike': return
             x = self.xb[0].clone()
             if self.kind=='nan': x[0,0] = float('nan')
-            else: x = x*1e6
+            else: x = x*1e9 # past the absolute backstop (`std_max`) at once, before any baseline exists
             self.learn.xb = (x,)
 
     class GlobalStats(Callback):
@@ -98,6 +101,7 @@ def main(out, names):
         ev = [{k:v for k,v in e.items() if k in ('epoch','iter','train_iter','kind','layer','action','ranks','message')}
               for e in (g.events if g else [])]
         return dict(digests=dg.ds, final=digest(learn.model), n_batches=len(dls.train), ran=learn.train_iter,
+                    skipped=g.skipped if g else None,
                     events=ev, lr_scale=g.lr_scale if g else None, stop=g.stop_reason if g else None, secs=secs,
                     finite=bool(all(p.isfinite().all() for p in learn.model.parameters())),
                     unwrapped=learn.model is model, hooks=sum(len(x._forward_hooks) for x in model.modules()),
@@ -118,6 +122,10 @@ def main(out, names):
         accel_clean=dict(accel=True),
         accel_huge_skip=dict(action='skip', fault='huge', k=4, accel=True, mon=True),
         nan_warn=dict(action='warn', fault='nan', k=5, guard_kw=dict(snapshot_every=2)),
+        spike_skip=dict(action='skip', fault='spike', k=10, guard_kw=dict(grad_warmup=5)), # a finite loss spike on rank 1
+        # six bad batches on rank 1: three skips, then a rollback (escalated), then skips again
+        huge_escalate=dict(action='skip', fault='huge', k=4, n=6, guard_kw=dict(max_skips=3)),
+        nan_rollback_window=dict(action='rollback', fault='nan', k=5, guard_kw=dict(skip_batches=2)), # leaves out 6, 7
     )
     try: # fastai's `distrib_ctx` path (accelerate + `DistributedDL`), its CUDA-only index broadcast moved to the CPU
         import accelerate

@@ -12,7 +12,7 @@ LOAD = textwrap.dedent('''
     learn = load_learner(sys.argv[1])
     x = torch.load(sys.argv[2])
     with torch.no_grad(): torch.save(learn.model.eval()(x), sys.argv[3])
-    print(type(learn.model[0][0]).__name__, getattr(learn, 'arch', None))
+    print(type(learn.model[0][0]).__name__, getattr(learn, 'arch', None), next(learn.model.named_parameters())[0])
 ''')
 
 def _roundtrip(learn, x, tmp_path):
@@ -37,12 +37,14 @@ def test_bn_stem_export(tmp_path):
     learn = vision_learner(digits_image_dls(size=16, bs=16), bn_stem(resnet18), pretrained=False)
     x = torch.randn(2,3,16,16)
     y,out = _roundtrip(learn, x, tmp_path)
-    assert out.split()[0]=='WithStem' and 'bn_stem(resnet18)' in out
+    assert out.split()==['WithStem', 'bn_stem(resnet18)', '0.0.stem.0.weight']  # the stem registered first, as it runs
     with torch.no_grad(): torch.testing.assert_close(y, learn.model.eval()(x))
     assert isinstance(load_learner(tmp_path/'learn.pkl').model[0][0], WithStem)
 
 def test_add_bn_stem_export(tmp_path):
-    learn = add_bn_stem(vision_learner(digits_image_dls(size=16, bs=16, channels=1), resnet18, n_in=1, pretrained=False))
+    dls = digits_image_dls(size=16, bs=16, channels=1)
+    learn = add_bn_stem(vision_learner(dls, resnet18, n_in=1, pretrained=False))
     x = torch.randn(2,1,16,16)
     y,out = _roundtrip(learn, x, tmp_path)
+    assert out.split()[-1]=='0.0.stem.0.weight'
     with torch.no_grad(): torch.testing.assert_close(y, learn.model.eval()(x))

@@ -11,7 +11,8 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 SCENARIOS = ('clean_noguard','clean_guard','monitor','monitor_stop','ctx_nan_skip','nan_skip_every','nan_skip','huge_skip',
-             'huge_skip_local','nan_rollback','nan_stop','nan_warn','accel_clean','accel_huge_skip')
+             'huge_skip_local','nan_rollback','nan_stop','nan_warn','accel_clean','accel_huge_skip','spike_skip',
+             'huge_escalate','nan_rollback_window')
 try: import accelerate
 except ImportError: accelerate = None
 
@@ -51,7 +52,8 @@ FAULTS = dict(nan_skip=(3, 'nonfinite_act', 'input', 'skip'),
               huge_skip=(4, 'exploding_act', '0', 'skip'), # the layer is named as in the user's model, not 'module.0'
               nan_rollback=(7, 'nonfinite_act', 'input', 'rollback'), nan_stop=(6, 'nonfinite_act', 'input', 'stop'),
               nan_warn=(5, 'nonfinite_act', 'input', 'warn'),
-              accel_huge_skip=(4, 'exploding_act', '0', 'skip')) # fastai's own `distrib_ctx` (accelerate, `DistributedDL`)
+              accel_huge_skip=(4, 'exploding_act', '0', 'skip'), # fastai's own `distrib_ctx` (accelerate, `DistributedDL`)
+              spike_skip=(10, 'loss_spike', 'loss', 'skip')) # a finite loss spike seen on rank 1 only
 
 @pytest.mark.parametrize('name', FAULTS)
 def test_fault_on_rank1(ranks, name):
@@ -150,3 +152,18 @@ def test_monitor_under_distrib_ctx(ranks):
     m0,m1 = ranks[0]['accel_huge_skip']['mon'],ranks[1]['accel_huge_skip']['mon']
     assert m0['names']==m1['names']==['0','1','2','3','4'] and m0['k']==m1['k']>0
     assert m0['stats']==m1['stats'] and m0['hist']==m1['hist']
+
+def test_escalation_same_on_all_ranks(ranks):
+    "Skips escalate to a rollback at the same batch on both ranks, with identical weights after every batch"
+    r0,r1 = ranks[0]['huge_escalate'],ranks[1]['huge_escalate']
+    assert r0['events']==r1['events'] and r0['digests']==r1['digests'] and r0['final']==r1['final']
+    acts = [(e['iter'], e['action']) for e in r0['events']]
+    assert acts[:4]==[(4,'skip'), (5,'skip'), (6,'skip'), (7,'rollback (escalated: 3 skips in 50 batches)')], acts
+    assert all(e['ranks']==[1] for e in r0['events']) and r0['finite']
+
+def test_data_window_same_on_all_ranks(ranks):
+    "A rollback with `skip_batches=2` leaves out the same two batches on both ranks"
+    r0,r1 = ranks[0]['nan_rollback_window'],ranks[1]['nan_rollback_window']
+    assert r0['skipped']==r1['skipped']==[6, 7] and r0['digests']==r1['digests']
+    d = r0['digests']
+    assert d[6]==d[7]==d[8] and d[9]!=d[8]  # batches 5 (dropped), 6 and 7 (left out) do not change the weights

@@ -29,16 +29,50 @@ def mlp_learner(**kw):
     m = nn.Sequential(nn.Linear(64,32), nn.ReLU(), nn.Linear(32,32), nn.Tanh(), nn.Linear(32,10))
     return Learner(digits_dls(flat=True), m, loss_func=F.cross_entropy, **kw)
 
-@pytest.mark.parametrize('at', ['before_batch', 'after_pred', 'after_backward', 'before_step', 'after_step', 'after_batch'])
-def test_keyboard_interrupt_removes_hooks(at):
+def interrupt_err(at, err, n=2):
+    "A callback that raises `err` in event `at` of training batch `n`"
+    def boom(self):
+        if self.training and self.iter==n: raise err('boom')
+    return type('Interrupt', (Callback,), {at: boom})()
+
+def then_fit(learn): learn.fit(1, cbs=StopAfter(3))
+def then_preds(learn): learn.get_preds()
+def then_validate(learn): learn.validate() # `predict` enters through `get_preds`
+def then_export(learn, tmp_path):
+    from fastai.learner import load_learner
+    learn.export(tmp_path/'m.pkl'); l2 = load_learner(tmp_path/'m.pkl')
+    assert l2.activation_monitor._engine is None and l2.__dict__.get('_stats_engine') is None
+    l2.model(torch.randn(4, 64)) # any hook pickled with the model loads as a no-op
+    learn.get_preds()
+
+EVENTS = ['before_batch', 'after_pred', 'after_loss', 'before_backward', 'after_backward', 'before_step', 'after_step',
+          'after_batch']
+
+@pytest.mark.parametrize('then', ['fit', 'get_preds', 'validate', 'export'])
+@pytest.mark.parametrize('at', EVENTS)
+def test_exception_then_entry_point(at, then, tmp_path):
+    "No global patch of fastai: hooks of a fit that raised go at the next entry point, history kept"
     learn = mlp_learner(cbs=ActivationMonitor(with_hist=True))
-    assert n_hooks(learn.model)==0
-    with pytest.raises(KeyboardInterrupt), learn.no_bar(), learn.no_logging(): learn.fit(1, cbs=interrupt(at))
-    assert n_hooks(learn.model)==0 and '_stats_engine' not in learn.__dict__
+    err = KeyboardInterrupt if EVENTS.index(at)%2 else RuntimeError
+    with pytest.raises(err), learn.no_bar(), learn.no_logging(): learn.fit(1, cbs=interrupt_err(at, err))
     mon = learn.activation_monitor
-    assert mon.k in (2, 3) and mon._engine is None and mon._snap is None
+    with learn.no_bar(), learn.no_logging():
+        if then=='export': then_export(learn, tmp_path)
+        else: dict(fit=then_fit, get_preds=then_preds, validate=then_validate)[then](learn)
+    assert n_hooks(learn.model)==0 and '_stats_engine' not in learn.__dict__ and mon._engine is None and mon._snap is None
+    assert mon.k==(3 if then=='fit' or at=='after_batch' else 2) # records of the fit that raised are kept
     with learn.no_bar(), learn.no_logging(): learn.fit(1, cbs=StopAfter(3))   # usable afterwards
     assert mon.k==3 and n_hooks(learn.model)==0
+
+def test_remove_and_gc():
+    import gc
+    learn = mlp_learner(cbs=ActivationMonitor())
+    with pytest.raises(RuntimeError), learn.no_bar(), learn.no_logging(): learn.fit(1, cbs=interrupt_err('after_batch', RuntimeError))
+    learn.activation_monitor.remove(); assert n_hooks(learn.model)==0
+    with pytest.raises(RuntimeError), learn.no_bar(), learn.no_logging(): learn.fit(1, cbs=interrupt_err('after_batch', RuntimeError))
+    m = learn.model; assert n_hooks(m)>0
+    del learn; gc.collect()
+    assert n_hooks(m)==0
 
 def test_export_load_in_fresh_process(tmp_path):
     from fastai.tabular.all import TabularDataLoaders, tabular_learner, CategoryBlock, Normalize
@@ -47,7 +81,7 @@ def test_export_load_in_fresh_process(tmp_path):
     x,y = digits_arrays()
     df = pd.DataFrame(x.reshape(len(x), -1), columns=[f'p{i}' for i in range(64)]).assign(y=y)
     dls = TabularDataLoaders.from_df(df, y_names='y', cont_names=list(df.columns[:64]), procs=[Normalize], y_block=CategoryBlock(), bs=128)
-    learn = tabular_learner(dls, layers=[32], cbs=ActivationMonitor(with_hist=True))
+    learn = tabular_learner(dls, layers=[32], cbs=ActivationMonitor(with_hist=True, keep_history=True))
     with learn.no_bar(), learn.no_logging(): learn.fit(1)
     learn.export(tmp_path/'m.pkl')
     learn.activation_monitor.to_df().to_pickle(tmp_path/'df.pkl')

@@ -1,0 +1,136 @@
+"""What the statistics engine costs the host, on the path a GPU runs, measured on the CPU.
+
+Three tables (markdown):
+1. kernels: ns per element and host us per call of the CPU C++ op, the compiled device path and eager PyTorch;
+2. budgets: per training batch, dispatched aten ops per hooked output, compiled-kernel calls, host syncs, and compiles
+   per fit, for monitor / monitor+hist / guard / both / fastai ActivationStats, on xresnet18 and resnet18
+   (vision_learner), with the device path forced (DEEPSTABLE_KERNEL=compiled);
+3. host time per hooked module and recorded batch on a tiny 65-module Linear/ReLU model: CPU time of a fit with the
+   monitor minus without, per batch and module, on both paths (interleaved repeats, medians).
+Run: OMP_NUM_THREADS=1 python bench/engine.py [--quick]
+"""
+import argparse, os, statistics, time, warnings
+import torch, torch.nn as nn, torch.nn.functional as F
+warnings.filterwarnings('ignore')
+torch.set_num_threads(1)
+from fastai.basics import *
+from fastai.callback.hook import ActivationStats
+from fastai.vision.models.xresnet import xresnet18
+from fastai.test_utils import synth_learner
+import torch._dynamo.utils as du
+from deepstable_fastai.data import digits_dls, digits_image_dls
+from deepstable_fastai.monitor import ActivationMonitor
+from deepstable_fastai.guard import ExplosionGuard
+from deepstable_fastai.stats import OpCounter, kernel_path, tensor_stats, _kernels
+
+def med(f, n=21):
+    ts = []
+    for _ in range(n): t = time.perf_counter(); f(); ts.append(time.perf_counter()-t)
+    return statistics.median(ts)
+
+def kernels_table():
+    kernel_path(wait=True)
+    rows = []
+    for n in (640, 1<<16, 1<<20, 12_600_000):
+        x = torch.randn(n)*3+1
+        raw = torch.zeros(2, 8, dtype=torch.float64); i = torch.tensor(1)
+        r = [f'{n:,}']
+        for f in (lambda: torch.ops.deepstable.acc_(x, raw, 1, 1e-2), lambda: _kernels['direct'](x, i, raw, 1e-2),
+                  lambda: tensor_stats(x)):
+            f(); t = med(f, 5 if n>1e6 else 21)
+            r.append(f'{t*1e9/n:.3f} ns/el ({t*1e6:.0f} us)')
+        rows.append(r)
+    print('| elements | C++ op (CPU path) | torch.compile (device path) | eager tensor_stats |\n|---|---|---|---|')
+    for r in rows: print('| '+' | '.join(r)+' |')
+
+class Count(Callback):
+    "Count ops, compiled calls and syncs from before_batch to after_batch of training batches"
+    order = -100
+    def __init__(self): self.res = []
+    def before_batch(self):
+        if self.training: self.c = OpCounter().__enter__()
+    def after_batch(self):
+        if self.training: self.c.__exit__(None, None, None); self.res.append((self.c.ops, self.c.calls, self.c.syncs))
+
+def make(model, bs=64):
+    set_seed(0)
+    if model=='xresnet18': return Learner(digits_dls(size=32, bs=bs), xresnet18(c_in=1, n_out=10), loss_func=F.cross_entropy)
+    from fastai.vision.learner import vision_learner
+    from torchvision.models import resnet18
+    return vision_learner(digits_image_dls(size=32, bs=bs, num_workers=0), resnet18, pretrained=False, loss_func=F.cross_entropy)
+
+CONFIGS = {'none': lambda: [], 'monitor': lambda: [ActivationMonitor()],
+           'monitor+hist': lambda: [ActivationMonitor(with_hist=True)], 'guard (skip)': lambda: [ExplosionGuard('skip')],
+           'monitor+guard': lambda: [ActivationMonitor(), ExplosionGuard('skip')],
+           'fastai ActivationStats': lambda: [ActivationStats()]}
+
+def n_outputs(learn):
+    from deepstable_fastai.stats import find_modules
+    return len(find_modules(learn.model))
+
+def budgets_table(models, nb):
+    os.environ['DEEPSTABLE_KERNEL'] = 'compiled'
+    print('| model | callbacks | ops added / batch | ops per hooked output | compiled calls / batch | host syncs / batch | compiles 1st fit / 2nd fit |')
+    print('|---|---|---|---|---|---|---|')
+    for model in models:
+        base = None
+        for name,cbs in CONFIGS.items():
+            learn = make(model); c = Count(); learn.add_cb(c)
+            stop = [CancelAfter(nb)]
+            g0 = du.counters['stats']['unique_graphs']
+            with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=stop+cbs())
+            g1 = du.counters['stats']['unique_graphs']
+            c.res = []
+            with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=stop+cbs())
+            g2 = du.counters['stats']['unique_graphs']
+            ops,calls,syncs = (statistics.median(r[j] for r in c.res[1:]) for j in range(3))
+            if base is None: base = ops
+            nout = n_outputs(learn)
+            print(f'| {model} | {name} | {ops-base:.0f} | {(ops-base)/nout:.2f} ({nout} outputs) | {calls:.0f} | {syncs:.0f} | {g1-g0} / {g2-g1} |')
+    del os.environ['DEEPSTABLE_KERNEL']
+
+class CancelAfter(Callback):
+    order = 99
+    def __init__(self, n): self.n = n
+    def after_batch(self):
+        if self.training and self.iter+1>=self.n: raise CancelTrainException
+    def before_validate(self): raise CancelValidException
+
+def tiny_learner():
+    set_seed(0)
+    m = nn.Sequential(*[o for _ in range(32) for o in (nn.Linear(8,8), nn.ReLU())], nn.Linear(8,1))
+    x = torch.randn(64*32, 8); y = x.sum(1, keepdim=True)
+    dls = DataLoaders.from_dsets(list(zip(x,y)), list(zip(x[:64],y[:64])), bs=64, num_workers=0)
+    return Learner(dls, m, loss_func=F.mse_loss)
+
+def host_table(repeats, epochs=4):
+    "CPU time per batch and hooked module added by the monitor on the tiny model, per path"
+    res = {}
+    for path in ('compiled', 'auto'):
+        os.environ['DEEPSTABLE_KERNEL'] = path
+        learns = {k:tiny_learner() for k in ('none', 'monitor')}
+        for k,l in learns.items(): # warm-up fit: compiles, first allocations
+            with l.no_bar(), l.no_logging(): l.fit(1, 1e-3, cbs=[ActivationMonitor()] if k=='monitor' else [])
+        ts = {k:[] for k in learns}
+        for _ in range(repeats):
+            for k,l in learns.items():
+                t = time.process_time()
+                with l.no_bar(), l.no_logging(): l.fit(epochs, 1e-3, cbs=[ActivationMonitor()] if k=='monitor' else [])
+                ts[k].append(time.process_time()-t)
+        nb = epochs*len(learns['none'].dls.train)
+        nm = 65
+        d = [(m-n)/nb/nm*1e6 for m,n in zip(ts['monitor'], ts['none'])]
+        res[path] = (statistics.median(ts['none'])/nb*1e3, statistics.median(d), min(d), max(d))
+    del os.environ['DEEPSTABLE_KERNEL']
+    print('| path | fit CPU ms/batch without | monitor host us per module and batch (median, min-max) |\n|---|---|---|')
+    for p,(b,m,lo,hi) in res.items():
+        print(f"| {'device path (forced on CPU)' if p=='compiled' else 'CPU path (C++ op)'} | {b:.2f} | {m:.1f} ({lo:.1f}-{hi:.1f}) |")
+
+if __name__=='__main__':
+    ap = argparse.ArgumentParser()
+    ap.add_argument('--quick', action='store_true')
+    a = ap.parse_args()
+    print(f"torch {torch.__version__}, 1 thread, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
+    print('## Kernels\n'); kernels_table()
+    print('\n## Host cost per module (tiny 65-module model)\n'); host_table(3 if a.quick else 7)
+    print('\n## Budgets per training batch (device path forced)\n'); budgets_table(['xresnet18'] if a.quick else ['xresnet18', 'resnet18'], 4)
