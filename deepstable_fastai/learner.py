@@ -6,7 +6,7 @@ Docs: https://deepstable.github.io/deepstable-fastai/learner.html.md"""
 
 # %% ../nbs/06_learner.ipynb #a22b334c
 from __future__ import annotations
-import importlib, torch, torch.nn as nn
+import importlib, torch.nn as nn
 from fastcore.all import *
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat

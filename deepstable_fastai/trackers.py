@@ -170,4 +170,5 @@ def _class_check(c):
 def pkg_reduce_ex(self, protocol):
     "A `__reduce_ex__` for our classes: unpickling without their package raises an error that names it"
     f,args,*rest = object.__reduce_ex__(self, protocol)
+    if type(self).__module__=='__main__': return (f, args, *rest) # defined in a script or notebook: nothing to name
     return (_Call(operator.getitem, (_class_check(type(self)), f), 1), args, *rest)

@@ -1,9 +1,9 @@
-"`learn.export()` / `load_learner()` round trips for the issue-5 learners, loaded in a fresh process."
-import subprocess, sys, textwrap
-import torch
+"`export()` / `load_learner()` round trips for the issue-5 learners, loaded in a fresh process; the defaults bench."
+import os, subprocess, sys, textwrap
+import pytest, torch
 from fastai.learner import load_learner
 from fastai.vision.all import vision_learner, resnet18
-from deepstable_fastai.data import digits_dls, digits_image_dls
+from deepstable_fastai.data import digits_image_dls
 from deepstable_fastai.learner import resblock_learner, bn_stem, add_bn_stem, WithStem
 
 LOAD = textwrap.dedent('''
@@ -48,3 +48,13 @@ def test_add_bn_stem_export(tmp_path):
     y,out = _roundtrip(learn, x, tmp_path)
     assert out.split()[-1]=='0.0.stem.0.weight'
     with torch.no_grad(): torch.testing.assert_close(y, learn.model.eval()(x))
+
+@pytest.mark.slow
+def test_defaults_train_at_the_valley(root):
+    "`resblock_learner`'s defaults reach 0.90 on 16x16 digits after `fit_one_cycle(4, lr_find().valley)`, every run"
+    r = subprocess.run([sys.executable, str(root/'bench'/'resblock_defaults.py'), '--configs', 'default'],
+                       capture_output=True, text=True, timeout=900, env={**os.environ, 'OMP_NUM_THREADS':'1'})
+    assert r.returncode==0, r.stderr[-3000:]
+    row = next(l for l in r.stdout.splitlines() if l.startswith('| default |')).split('|')
+    accs = [float(a) for a in row[4].split()]
+    assert len(accs)==3 and min(accs)>=0.9, row

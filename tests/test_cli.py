@@ -17,7 +17,31 @@ def test_demo_quick(demo_report):
     assert all(o['finite_weights'] for o in s['runs'])
     for f in ('report.html','summary.md'): assert (out/f).exists()
     for o in s['runs']:
+        assert o['lr']>0 and o['lr_reason'], o['name']
         for p in o['figures']: assert (out/p).stat().st_size>1000, p
+
+def test_demo_story_and_depth_panel(demo_report):
+    "The report opens with the story in order, each claim as the runs bore it out, and the depth sweep panel"
+    r, out = demo_report
+    s = json.loads((out/'summary.json').read_text())
+    story = s['story']
+    assert [t.split('**')[1] for t in story]==['naive','kaiming','batchnorm','resblock'], story
+    assert 'explodes' in story[0] and 'did not' not in story[0], story[0]
+    assert story[3].startswith('**resblock** trains deepest'), story[3]
+    sweep = s['meta']['depth_sweep']
+    assert {o['variant'] for o in sweep}=={'kaiming','batchnorm','resblock'} and len({o['depth'] for o in sweep})>=3
+    assert [p['figure'] for p in s['panels']]==['depth_sweep.png'] and (out/'depth_sweep.png').stat().st_size>1000
+    page = (out/'report.html').read_text()
+    assert page.index('<ol class="story">') < page.index('class="cards"') < page.index('Depth sweep')
+    for i,t in enumerate(story, 1): assert f"{i}. {t.replace('`','').replace('**','')}" in r.stdout
+
+def test_no_seed_wording(demo_report):
+    "Nothing a user reads speaks of a seed's network: the report, the summary, the CLI's output and help"
+    import re
+    r, out = demo_report
+    texts = [(out/'summary.md').read_text(), re.sub(r'<details>.*?</details>', '', (out/'report.html').read_text(), flags=re.S),
+             r.stdout] + [cli(*sub, '--help').stdout for sub in ([], ['demo'], ['train'], ['check'])]
+    for t in texts: assert not re.search(r"\bseed'?s\b(?! for)|the seed\b", t, re.I), re.findall(r'.{40}seed.{40}', t)
 
 def _two_class_folder(root):
     from PIL import Image

@@ -1,6 +1,6 @@
 "`add_bn_stem` and `timm_split` on timm archs (`vision_learner(dls, '<name>')`): cut, split, freeze, fit, export."
 import subprocess, sys, textwrap
-import pytest, torch, torch.nn as nn
+import pytest, torch
 timm = pytest.importorskip('timm')
 from fastai.callback.training import ShortEpochCallback
 from fastai.torch_core import norm_types
