@@ -12,15 +12,16 @@ from collections import deque
 from fastcore.all import *
 from copy import deepcopy
 from fastai.callback.core import Callback, CancelStepException, CancelFitException, CancelBatchException
-from fastai.callback.fp16 import MixedPrecision
 from .stats import training_fit, fit_running, StatsEngine, STATS, act_types, batch_key
 from .distrib import sync_verdict, strip_ddp, ddp_modules, is_dist, world
+from .trackers import log_event, pkg_reduce_ex
 
 # %% auto #0
 __all__ = ['KINDS', 'ACTIONS', 'Row', 'ExplosionGuard']
 
 # %% ../nbs/03_guard.ipynb #5389bd76
-KINDS = ('nonfinite_act','nonfinite_loss','exploding_act','vanishing_act','loss_spike','nonfinite_grad','exploding_grad')
+KINDS = ('nonfinite_act','nonfinite_loss','exploding_act','vanishing_act','loss_spike',
+         'nonfinite_grad','exploding_grad')
 ACTIONS = ('warn','skip','rollback','stop')
 _PASS = dict(nonfinite_act='forward', nonfinite_loss='forward', exploding_act='forward', vanishing_act='forward',
              loss_spike='forward', nonfinite_grad='backward', exploding_grad='backward', amp_overflow='backward',
@@ -66,28 +67,30 @@ def _check_args(g):
     for n in ('retries','lr_recover','skip_batches'):
         v = getattr(g, n)
         if not isinstance(v,int) or v<0: raise ValueError(f"`{n}` must be a non-negative int, got {v!r}")
-    if g.modules is not None and len(listify(g.modules))==0: raise ValueError("`modules` is empty: pass None for the default selection")
+    if g.modules is not None and len(listify(g.modules))==0:
+        raise ValueError("`modules` is empty: pass None for the default selection")
 
 # %% ../nbs/03_guard.ipynb #4c04e810
 class ExplosionGuard(Callback):
     "Check each training batch before its step; on trouble `action` is 'warn', 'skip', 'rollback' or 'stop'"
-    order,run_valid = MixedPrecision.order+0.5,False
+    order,run_valid = 10.5,False # after fastai's MixedPrecision (10), whose import would add ProgressCallback everywhere
+    __reduce_ex__ = pkg_reduce_ex # loading an export without this package says so
     _stateattrs = ('_engine','_fit','_snaps','_base','_pend') # a fit's state: not pickled by `export`
     def __init__(self, action:str='skip', # What to do on an explosion: 'warn', 'skip', 'rollback' or 'stop'
                  act_factor:float=100., # A module output std above this times its running baseline is exploding
                  std_max:float=1e6, # Backstop: a module output std above this is exploding, whatever its baseline
                  absmax_max:float=1e8, # Backstop: a module output magnitude above this is exploding
-                 std_min:float=0.05, # An activation std below this fraction of the largest one before it in the batch is vanishing
+                 std_min:float=0.05, # An activation std below this fraction of the largest one before it is vanishing
                  dead_max:float=0.95, # An activation output with a larger fraction of exact zeros is dead
                  patience:int=5, # Consecutive batches of vanishing before it is reported
                  grad_factor:float=20., # A gradient norm above this times its running median is exploding
-                 loss_z:float=6., # A finite loss this many robust standard deviations above its running median is a spike
+                 loss_z:float=6., # A finite loss this many robust std devs above its running median is a spike
                  grad_window:int=50, # Good batches in the running baselines (gradient norm, activations, loss)
                  grad_warmup:int=20, # Good batches seen before the relative checks start (also kept in the baselines)
                  max_skips:int=10, # Skips in any `grad_window` batches before 'skip' escalates to a rollback
                  snapshot_every:int=None, # Good steps between in-memory snapshots; None: 10, or 100 for 'warn'
                  lr_backoff:float=0.5, # Factor applied to the learning rate at each run of rollbacks
-                 lr_recover:int=20, # Good steps over which a backed-off learning rate climbs back to its schedule (0: never)
+                 lr_recover:int=20, # Good steps over which a backed-off lr climbs back to its schedule (0: never)
                  retries:int=3, # Rollbacks allowed in a fit before it is stopped
                  skip_batches:int=0, # Training batches left out after each rollback: the data window that caused it
                  act_every:int=1, # Check activations every this many batches (loss and gradients: every batch)
@@ -99,7 +102,8 @@ class ExplosionGuard(Callback):
         self._init_state()
         self.events,self.lr_scale,self.stop_reason,self.skipped,self._flights,self._nest = [],1.,None,[],[],0
 
-    def _init_state(self): super()._init_state(); self._engine = self._fit = self._snaps = self._base = self._pend = None
+    def _init_state(self):
+        super()._init_state(); self._engine = self._fit = self._snaps = self._base = self._pend = None
 
     @property
     def learn(self): return self.__dict__.get('_learn')
@@ -124,7 +128,7 @@ def _copy_into(dst, src):
 
 # %% ../nbs/03_guard.ipynb #a1c082b2
 class _Snapshots:
-    "The trusted snapshot of `learn`'s model and optimizer, the one waiting to be trusted, and the buffers before this batch"
+    "The trusted snapshot of `learn`'s model and optimizer, the one waiting to be trusted, the buffers before a batch"
     def __init__(self, learn):
         self.learn,self.pending,self.spare = learn,None,None
         self.bufs = list(learn.model.buffers())
@@ -137,7 +141,8 @@ class _Snapshots:
             ms = list(self.learn.model.state_dict().values())
             mb = dst['model'] if dst is not None and len(dst['model'])==len(ms) else [t.detach().clone() for t in ms]
             if dst is not None and mb is dst['model']: torch._foreach_copy_(mb, ms)
-        return dict(model=mb, opt=_copy_into(dst['opt'] if dst else None, self.learn.opt.state_dict()), iter=self.learn.train_iter)
+        opt = _copy_into(dst['opt'] if dst else None, self.learn.opt.state_dict())
+        return dict(model=mb, opt=opt, iter=self.learn.train_iter)
 
     def restore(self, snap=None):
         "Load `snap` (default: the trusted one) back into the model and the optimizer"
@@ -158,14 +163,16 @@ class _Snapshots:
 class _Ring:
     "Last `n` rows of shape `shape` after the first `anchors` ones, on `dev`; `median()` over the filled rows"
     def __init__(self, n, shape=(), anchors=0, dev=None):
-        self.buf,self.anchors,self.count,self._med = torch.full((anchors+n, *shape), float('nan'), device=dev),anchors,0,None
+        self.buf = torch.full((anchors+n, *shape), float('nan'), device=dev)
+        self.anchors,self.count,self._med = anchors,0,None
     def push(self, v):
         k,a = self.count,self.anchors
         self.buf[k if k<a else a+(k-a)%(len(self.buf)-a)] = v
         self.count,self._med = k+1,None
     def filled(self): return self.buf[:min(self.count, len(self.buf))]
     def median(self):
-        if self._med is None: self._med = self.filled().nanmedian(0).values if self.buf.dim()>1 else self.filled().nanmedian()
+        if self._med is None:
+            h = self.filled(); self._med = h.nanmedian(0).values if h.dim()>1 else h.nanmedian()
         return self._med
 
 class _Baselines:
@@ -209,14 +216,15 @@ class _FitState:
 def remove(self:ExplosionGuard):
     "Drop the guard's hooks and the state of its fit (snapshots, baselines); `events` stay"
     f,lrn = self._fit,self.learn
-    if f is not None and f.saved_lr is not None and getattr(lrn, 'opt', None) is not None: lrn.opt.set_hypers(lr=f.saved_lr)
+    if f is not None and f.saved_lr is not None and getattr(lrn, 'opt', None) is not None:
+        lrn.opt.set_hypers(lr=f.saved_lr)
     if self._engine is not None: self._engine.release(lrn, self)
     self._engine = self._fit = self._snaps = self._base = self._pend = None
     self._nest = 0
 
 @patch
 def before_fit(self:ExplosionGuard):
-    "Drop a stale fit's state; switch off inside `lr_find` and `get_preds` (and leave a running fit alone in a nested `validate`)"
+    "Drop a stale fit's state; switch off inside `lr_find` and `get_preds`; leave a running fit alone in a nested call"
     if self._engine is not None and not fit_running(self.learn): self.remove()
     if self._engine is not None: self._nest += 1; return
     self.run = training_fit(self.learn)
@@ -310,7 +318,8 @@ def _fwd_checks(self:ExplosionGuard, loss, count=True):
     z,nan = lm.new_zeros(()),lm.new_tensor(float('nan'))
     lrow = torch.stack([(~l.isfinite()).any().float(), z-1, z-1, lm, nan, z])
     s = self._engine.stats()
-    if s is None or not self._engine.order: Z = torch.zeros(6, device=l.device); return torch.stack([Z, lrow, Z, Z, self._spike_row(lm)]),None,lm
+    if s is None or not self._engine.order:
+        Z = torch.zeros(6, device=l.device); return torch.stack([Z, lrow, Z, Z, self._spike_row(lm)]),None,lm
     o = self._order(); r = s[o]
     std,amax = r[:,_STD],r[:,_AMAX]
     out_bad,in_bad = (r[:,_NAN]+r[:,_INF])>0, r[:,_INB]>0
@@ -356,7 +365,8 @@ def _bwd_checks(self:ExplosionGuard):
     h = self._base.grad
     thr = self.grad_factor*h.median() if h.count>=self.grad_warmup else n.new_tensor(float('inf'))
     q = torch.where(bad, -1., n).argmax().view(1)
-    ex = torch.cat([(tot.isfinite() & (tot>thr)).float().view(1), q.float(), _at(rank, q), tot.view(1), thr.view(1), n.new_zeros(1)])
+    ex = torch.cat([(tot.isfinite() & (tot>thr)).float().view(1), q.float(), _at(rank, q), tot.view(1), thr.view(1),
+                    n.new_zeros(1)])
     return torch.stack([nf, ex])
 
 # %% ../nbs/03_guard.ipynb #5b0532b9
@@ -412,7 +422,8 @@ def _escalate(self:ExplosionGuard):
     a,f,why = self.action,self._fit,''
     it = self.learn.train_iter
     while f.skips and f.skips[0]<=it-self.grad_window: f.skips.popleft()
-    if a=='skip' and len(f.skips)>=self.max_skips: a,why = 'rollback',f'escalated: {len(f.skips)} skips in {self.grad_window} batches'
+    if a=='skip' and len(f.skips)>=self.max_skips:
+        a,why = 'rollback',f'escalated: {len(f.skips)} skips in {self.grad_window} batches'
     if a=='rollback' and f.rollbacks>=self.retries: a,why = 'stop','; '.join(o for o in (why, 'retries spent') if o)
     return a,why
 
@@ -425,7 +436,7 @@ def _act_on(self:ExplosionGuard, R):
     else: k = first(o for o in ('nonfinite_loss','loss_spike','nonfinite_grad','exploding_grad') if R[o].flag)
     if k is None: return self._good()
     a,why = self._escalate()
-    deep = a=='stop' or (a=='rollback' and f.badrun>0) # back to the trusted snapshot, else to the state before this batch
+    deep = a=='stop' or (a=='rollback' and f.badrun>0) # to the trusted snapshot, else to the state before this batch
     to = '' if a in ('warn','skip') else _where(snaps.good) if deep else 'the state before this batch'
     if a=='rollback' and self.skip_batches: to += f', leaving out the next {self.skip_batches} batches'
     self._record_row(k, R[k], f'{a} ({why})' if why else a, to)
@@ -492,7 +503,10 @@ def after_train(self:ExplosionGuard):
     if self._engine is not None: self._engine.end()
 
 # %% ../nbs/03_guard.ipynb #61b2a1d1
-def _floats(o): return [t for t in (o if isinstance(o,(list,tuple)) else [o]) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+def _floats(o):
+    "The floating tensors of a module's input or output"
+    ts = o if isinstance(o,(list,tuple)) else [o]
+    return [t for t in ts if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 def _leaf_hook(rec, i, m, inp, out):
     "Record leaf `i` ran, and whether its input and output were finite (device flags)"
@@ -508,7 +522,8 @@ def _leaf_row(rec, dev):
     li = torch.tensor([float(r[0]) for r in rec], device=dev)
     born = ob & ~ib
     p,q = born.int().argmax().view(1),ib.int().argmax().view(1)
-    return torch.cat([born.any().float().view(1), _at(li, p), p.float(), ib.any().float().view(1), _at(li, q), q.float()])
+    return torch.cat([born.any().float().view(1), _at(li, p), p.float(),
+                      ib.any().float().view(1), _at(li, q), q.float()])
 
 # %% ../nbs/03_guard.ipynb #0b02621c
 @patch
@@ -518,7 +533,8 @@ def _replay(self:ExplosionGuard):
     leaves = [(n,o) for n,o in m.named_modules() if next(o.children(), None) is None]
     rec,saved = [],[b.clone() for b in self._snaps.bufs]
     hs = [o.register_forward_hook(partial(_leaf_hook, rec, i)) for i,(_,o) in enumerate(leaves)]
-    with torch.random.fork_rng(devices=[dev] if dev.type=='cuda' else []), e.aside(('replay', lrn.train_iter, id(lrn.xb))):
+    rng = torch.random.fork_rng(devices=[dev] if dev.type=='cuda' else [])
+    with rng, e.aside(('replay', lrn.train_iter, id(lrn.xb))):
         try:
             with torch.no_grad(): loss = lrn.loss_func(m(*lrn.xb), *lrn.yb)
             rows = self._fwd_checks(loss, count=False)[0]
@@ -545,7 +561,7 @@ def _localise(self:ExplosionGuard, R, refine=False):
 
 @patch
 def _between(self:ExplosionGuard, r, leaves, ran):
-    "Origin of a once-only NaN first seen in the output of module `r`: it, or between it and the module before (`ran`: leaf order)"
+    "Origin of a once-only NaN first seen in module `r`'s output: it, or between it and the one before it"
     e,o = self._engine,self._fit.last_order
     p = int(r.pos); b = e.modules[o[p]]
     nb = strip_ddp(e.names[o[p]])
@@ -574,7 +590,8 @@ def _where(snap): return 'the start of the fit' if snap['iter'] is None else f"t
 
 @patch
 def _record_row(self:ExplosionGuard, k, r, action, to=''):
-    self._record(k, strip_ddp(self._layer(k, r)), r.value, None if math.isnan(r.threshold) else r.threshold, action, r.ranks, to)
+    thr = None if math.isnan(r.threshold) else r.threshold
+    self._record(k, strip_ddp(self._layer(k, r)), r.value, thr, action, r.ranks, to)
 
 # %% ../nbs/03_guard.ipynb #185c5be4
 @patch
@@ -589,6 +606,7 @@ def _record(self:ExplosionGuard, kind, layer, value, threshold, action, ranks=No
     ev['message'] = (f"ExplosionGuard: {kind} at epoch {ev['epoch']} iter {ev['iter']} in {layer!r}{on} ({ev['pass']} pass), "
                      f"value {value:.3g}{thr}: {action}{', back to '+to if to else ''}")
     self.events.append(ev); self._flights.append(self._flight_now())
+    log_event(self.learn, ev) # TensorBoard / W&B, when attached
     if self.verbose: self._log(ev['message'])
     if action=='warn': warnings.warn(ev['message'], stacklevel=2)
     return ev
@@ -605,7 +623,8 @@ def _fly(self:ExplosionGuard, s):
     "Keep `s`, this batch's per-module statistics, in the flight recorder"
     f = self._fit
     if f.flight is None or f.flight.shape[1:]!=s.shape:
-        f.flight,f.fiters,f.nflight = s.new_full((self.flight_batches, *s.shape), float('nan')),[None]*self.flight_batches,0
+        k = self.flight_batches
+        f.flight,f.fiters,f.nflight = s.new_full((k, *s.shape), float('nan')),[None]*k,0
     i = f.nflight % self.flight_batches
     f.flight[i].copy_(s); f.fiters[i] = self.learn.train_iter; f.nflight += 1
 
@@ -640,7 +659,8 @@ def report(self:ExplosionGuard, plot:bool=False, # Also draw `plot_events`
         print(df.to_string(index=False) if len(df) else 'ExplosionGuard: no events')
         esc = [e for e in self.events if 'escalated' in str(e['action'])]
         if esc: print(f"Escalated {len(esc)} time(s): {'; '.join(e['action'] for e in esc)}")
-        if self.skipped: print(f'Left out after rollbacks: {len(self.skipped)} batches ({self.skipped[0]} to {self.skipped[-1]})')
+        sk = self.skipped
+        if sk: print(f'Left out after rollbacks: {len(sk)} batches ({sk[0]} to {sk[-1]})')
         if self.stop_reason: print(f'Stopped: {self.stop_reason}')
     if plot: self.plot_events()
     return df

@@ -8,6 +8,7 @@ Docs: https://deepstable.github.io/deepstable-fastai/layers.html.md"""
 from __future__ import annotations
 import torch, torch.nn as nn
 from fastcore.all import *
+from .trackers import pkg_reduce_ex
 
 # %% auto #0
 __all__ = ['ResBlock', 'projection', 'bottleneck', 'residual_blocks', 'zero_gamma_', 'BNStem']
@@ -15,6 +16,7 @@ __all__ = ['ResBlock', 'projection', 'bottleneck', 'residual_blocks', 'zero_gamm
 # %% ../nbs/05_layers.ipynb #ba428c76
 class ResBlock(nn.Module):
     "`shortcut(x) + residual(x)`; `shortcut` defaults to the identity"
+    __reduce_ex__ = pkg_reduce_ex # an exported model that holds it, loaded without this package, says which package
     def __init__(self, residual:nn.Module, # the branch `f`
                  shortcut:nn.Module|None=None): # a projection when `residual` changes the shape
         super().__init__()
@@ -95,6 +97,7 @@ def zero_gamma_(model):
 # %% ../nbs/05_layers.ipynb #3dc60ede
 class BNStem(nn.Sequential):
     "Input stem: BatchNorm over the `n_in` input channels, then optionally conv(`nf`, `ks`)-ReLU-BatchNorm"
+    __reduce_ex__ = pkg_reduce_ex
     def __init__(self, n_in:int, # input channels (or features)
                  nf:int|None=None, # if given, add conv to `nf` channels, ReLU and BatchNorm
                  ks:int=3, # kernel size of the conv

@@ -14,6 +14,7 @@ from fastai.torch_core import params
 from fastai.vision.learner import model_meta, create_body, default_split, TimmBody
 from .init import kaiming_init_
 from .layers import ResBlock, bottleneck, projection, zero_gamma_, BNStem, _unit
+from .trackers import pkg_reduce_ex
 
 # %% auto #0
 __all__ = ['resblock_net', 'resblock_split', 'resblock_learner', 'WithStem', 'insert_stem_', 'BNStemArch', 'bn_stem',
@@ -92,6 +93,7 @@ def resblock_learner(dls, n_blocks:int=8, nf:int=16, n_stages:int=3, bn:bool=Tru
 # %% ../nbs/06_learner.ipynb #61676d5b
 class WithStem(nn.Module):
     "Run `stem` (a `BNStem` over `layer`'s input channels by default), then `layer`"
+    __reduce_ex__ = pkg_reduce_ex
     def __init__(self, layer:nn.Module, # the model's first parameterised layer
                  stem:nn.Module|None=None): # runs before `layer`; `BNStem(in_channels)` if None
         super().__init__()

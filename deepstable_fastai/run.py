@@ -67,7 +67,7 @@ class LRPick(NamedTuple):
 def pick_lr(learn:Learner,
             num_it:int=100, # `lr_find` iterations
             fallback:float=1e-3, # Adam's default lr, for a curve with no valley to read
-            min_drop:float=0.05 # the loss must fall by this share of its starting level to count as a valley
+            min_drop:float=0.1 # the loss must fall by this share of its starting level to count as a valley
            ) -> LRPick:
     "`lr_find`'s valley for `learn`, or `fallback` when its loss curve never falls by `min_drop`"
     from fastai.callback.schedule import valley

@@ -263,8 +263,15 @@ class StatsEngine:
     def __reduce__(self): return (_gone, ()) # an engine left on a pickled learner loads as nothing
 
 # %% ../nbs/01_stats.ipynb #79cbb56a
-def _gone(*args): return None # what an engine, or a hook, loads as
-def _inert(): return _gone
+def _gone(*args): return None # what a pickled engine loads as
+
+class _DeadHook:
+    "What a pickled hook loads as: it removes itself (and its kind) from the module the first time the module runs"
+    def __call__(self, m, inp, out):
+        for k,h in list(m._forward_hooks.items()):
+            if isinstance(h, _DeadHook): del m._forward_hooks[k]
+
+def _inert(): return _DeadHook()
 
 class _Hook:
     "Forward hook `i` of `engine` (-1: the end of the model's forward pass)"

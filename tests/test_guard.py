@@ -128,8 +128,6 @@ def test_exception_in_every_event(ev, exc, tmp_path):
     # leaves hooks until the next entry point: the test can fail
     if EVENTS.index('before_batch') <= EVENTS.index(ev) < EVENTS.index('after_fit'): assert stale==3, stale
 
-@pytest.mark.xfail(reason="the engine's forward hooks are pickled with the model by `export` after a fit that raised; "
-                          "the guard's own state is not (`_stateattrs`). Needs the engine's hooks to not survive pickling")
 @pytest.mark.parametrize('exc', [RuntimeError, KeyboardInterrupt])
 def test_export_after_exception(exc, tmp_path):
     learn = small(digits=True, cbs=ExplosionGuard('rollback', verbose=False))
@@ -138,7 +136,8 @@ def test_export_after_exception(exc, tmp_path):
         learn.export(tmp_path/'l.pkl')
         l2 = load_learner(tmp_path/'l.pkl')
         assert l2.explosion_guard._engine is None and l2.explosion_guard.events==[]
-        assert hooks(l2)==0, 'hooks in the loaded learner'
+        from deepstable_fastai.stats import _DeadHook # hooks pickled with the model load inert, go at the first forward
+        assert all(isinstance(h, _DeadHook) for m in l2.model.modules() for h in m._forward_hooks.values())
         l2.fit(1, 1e-2)
     assert hooks(l2)==0 and hooks(learn)>0
 

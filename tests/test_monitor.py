@@ -42,7 +42,8 @@ def then_export(learn, tmp_path):
     from fastai.learner import load_learner
     learn.export(tmp_path/'m.pkl'); l2 = load_learner(tmp_path/'m.pkl')
     assert l2.activation_monitor._engine is None and l2.__dict__.get('_stats_engine') is None
-    l2.model(torch.randn(4, 64)) # any hook pickled with the model loads as a no-op
+    l2.model(torch.randn(4, 64)) # any hook pickled with the model loads inert and removes itself here
+    assert n_hooks(l2.model)==0
     learn.get_preds()
 
 EVENTS = ['before_batch', 'after_pred', 'after_loss', 'before_backward', 'after_backward', 'before_step', 'after_step',
