@@ -189,7 +189,9 @@ def _naive_line(r):
 def _kaiming_line(r):
     if not _trains(r): return f"**kaiming** did not train here: {r['headline']}"
     e90 = _to90(r)
-    speed = f"90% after epoch {e90}" if e90 else f"{r['accuracy']:.0%} after {len(r['history'])} epochs, still rising"
+    h = [o.get('accuracy', 0) for o in r.get('history', [])]
+    rising = ', still rising' if len(h)>1 and h[-1]>h[-2] else ''
+    speed = f"90% after epoch {e90}" if e90 else f"{r['accuracy']:.0%} after {len(h)} epochs{rising}"
     return (f"**kaiming** init on the same stack trains, slowly: accuracy by epoch {_curve(r)} ({speed}) at lr {r['lr']:.2g}"
             + _jumps(r))
 

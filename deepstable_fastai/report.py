@@ -14,17 +14,18 @@ from fastcore.all import *
 __all__ = ['run_verdict', 'headline', 'write_summary', 'write_html', 'write_report']
 
 # %% ../nbs/07_report.ipynb #0e181b5a
-_explode_kinds = {'nonfinite_loss','nonfinite_grad','nonfinite_act','exploding_act','exploding_grad','huge_loss'}
-
-def _event_verdict(kind):
-    if kind in _explode_kinds or kind.startswith(('nonfinite','exploding')): return 'exploded'
+def _event_verdict(ev):
+    "What event `ev` says of its run: a forward pass that blew up, or a fit the guard had to stop, is an explosion"
+    kind,act = ev.get('kind',''),str(ev.get('action',''))
+    if kind.startswith('nonfinite') or kind in ('exploding_act','loss_spike'): return 'exploded'
+    if kind=='exploding_grad': return 'exploded' if act.startswith('stop') else 'recovered'
     if kind.startswith('vanishing'): return 'vanishing'
 
 def run_verdict(r:dict, # one result: needs `events` and `accuracy`
                 target:float=0.9 # accuracy counted as trained
                ) -> str:
     "`exploded`, `vanishing`, `trained` or `undertrained` for result `r`"
-    vs = {_event_verdict(e.get('kind','')) for e in r.get('events', [])}
+    vs = {_event_verdict(e) for e in r.get('events', [])}
     for v in ('exploded','vanishing'):
         if v in vs: return v
     acc = r.get('accuracy')
@@ -33,7 +34,7 @@ def run_verdict(r:dict, # one result: needs `events` and `accuracy`
 def _first_event(r, v):
     "The first event of `r` behind verdict `v` (else its first event, or `None`)"
     evs = r.get('events', [])
-    return first(e for e in evs if _event_verdict(e.get('kind',''))==v) or (evs[0] if evs else None)
+    return first(e for e in evs if _event_verdict(e)==v) or (evs[0] if evs else None)
 
 # %% ../nbs/07_report.ipynb #568b7262
 def headline(r:dict) -> str:
@@ -45,7 +46,10 @@ def headline(r:dict) -> str:
         e = _first_event(r, v)
         return (f"{v} at epoch {e.get('epoch')}, batch {e.get('iter')}: {e.get('kind')} in `{e.get('layer') or '?'}` "
                 f"({e.get('pass','')} pass), action {e.get('action')}; {len(evs)} event(s); accuracy {acc}")
-    return f"{v}: accuracy {acc}, no guard events"
+    if not evs: return f"{v}: accuracy {acc}, no guard events"
+    e = evs[0]
+    return (f"{v}: accuracy {acc}; {len(evs)} guard event(s) handled, the first {e.get('kind')} at epoch {e.get('epoch')}, "
+            f"batch {e.get('iter')}, action {e.get('action')}")
 
 # %% ../nbs/07_report.ipynb #caab5189
 def _jsonable(o):

@@ -132,7 +132,8 @@ def _direct(t, i, raw, near_zero:float, rh=None, lo:float=0., hi:float=1.):
     with torch.autocast(t.device.type, enabled=False):
         x = t.reshape(-1); n = x.shape[0]; m = n//ROW
         tail = F.pad(x[m*ROW:], (0, ROW-(n-m*ROW)))[None]
-        p = torch.cat([_row_sums(x[:m*ROW].view(m, ROW), near_zero), _row_sums(tail, near_zero, torch.full((1,), n-m*ROW, dtype=torch.int32, device=x.device))])
+        lt = torch.full((1,), n-m*ROW, dtype=torch.int32, device=x.device)
+        p = torch.cat([_row_sums(x[:m*ROW].view(m, ROW), near_zero), _row_sums(tail, near_zero, lt)])
         raw = _merge_rows(raw, p, i.expand(m+1))
         if rh is None: return raw,None
         return raw,_add_hist(rh, x, i.expand(n), torch.ones_like(x, dtype=torch.long), lo, hi)
