@@ -10,6 +10,7 @@ from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from deepstable_fastai.data import digits_dls
 from deepstable_fastai.learner import resblock_learner
+import fastai.callback.progress # `Learner.no_bar`, `no_logging`
 
 VARIANTS = dict(zero=dict(zero_gamma=True), one=dict(zero_gamma=False), nobn=dict(bn=False))
 DESC = dict(zero='BN, gamma=0', one='BN, gamma=1', nobn='no BN')

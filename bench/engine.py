@@ -22,6 +22,7 @@ from deepstable_fastai.data import digits_dls, digits_image_dls
 from deepstable_fastai.monitor import ActivationMonitor
 from deepstable_fastai.guard import ExplosionGuard
 from deepstable_fastai.stats import OpCounter, kernel_path, tensor_stats, _kernels
+import fastai.callback.progress # `Learner.no_bar`, `no_logging`
 
 def med(f, n=21):
     ts = []

@@ -8,6 +8,7 @@ from fastai.torch_core import set_seed
 from fastai.vision.models.xresnet import xresnet18
 from deepstable_fastai.data import digits_dls
 from deepstable_fastai.learner import resblock_learner
+import fastai.callback.progress # `Learner.no_bar`, `no_logging`
 
 # name -> resblock_learner kwargs; 'xresnet18' is fastai's reference at the same budget
 CONFIGS = {

@@ -242,7 +242,8 @@ class StatsEngine:
         self.check_inputs,self.key,self.active,self.hist_range = False,None,False,(-10.,10.,40)
         self.direct_min,self.stage_rows = 1<<17,1<<12 # outputs above 128K elements skip the 4M-element staging buffer
         self.raw = self.rhist = self.stage = self.path = None # `path`: None (automatic), 'cpp', 'staged' or 'direct'
-        kernel_path()
+        p = next(model.parameters(), None)
+        if p is None or p.device.type=='cpu': kernel_path() # start building the CPU kernel early, on CPU models only
         self.set_modules(find_modules(model, modules))
 
     def set_modules(self, named):
@@ -369,7 +370,9 @@ def _stage(self:StatsEngine, i, t):
     if self._pos+r>self.stage_rows: self._flush()
     k = (self._pos, t.shape)
     s = self._slots.get(k)
-    if s is None: s = self._slots[k] = self.stage.view(-1)[self._pos*ROW:self._pos*ROW+n].view(t.shape)
+    if s is None:
+        if len(self._slots)>4096: self._slots.clear() # shapes that vary without end (text) must not grow it
+        s = self._slots[k] = self.stage.view(-1)[self._pos*ROW:self._pos*ROW+n].view(t.shape)
     s.copy_(t)
     self._lay.append((i, n)); self._pos += r
 

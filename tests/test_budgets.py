@@ -14,6 +14,7 @@ from deepstable_fastai.data import digits_dls
 from deepstable_fastai.stats import OpCounter, find_modules
 from deepstable_fastai.monitor import ActivationMonitor
 from deepstable_fastai.guard import ExplosionGuard
+import fastai.callback.progress # `Learner.no_bar`, `no_logging`
 
 @pytest.fixture(autouse=True)
 def device_path(monkeypatch): monkeypatch.setenv('DEEPSTABLE_KERNEL', 'compiled')

@@ -11,6 +11,7 @@ from fastai.torch_core import set_seed
 from fastai.callback.core import Callback
 import fastai.callback.schedule  # fit_one_cycle
 from deepstable_fastai.guard import ExplosionGuard
+import fastai.callback.progress # `Learner.no_bar`, `no_logging`
 
 FAULTY = ['nan_input','inf_target','lr_spike','module_nan','grad_inf'] # faults at one batch, with an origin to name
 

@@ -8,6 +8,7 @@ from fastai.vision.learner import vision_learner, TimmBody
 from deepstable_fastai.data import digits_image_dls
 from deepstable_fastai.layers import BNStem
 from deepstable_fastai.learner import add_bn_stem, timm_split, WithStem
+import fastai.callback.progress # `Learner.no_bar`, `no_logging`
 
 # one per family: a ResNet, a ConvNeXt, an EfficientNet (smallest variants; ConvNeXt's stride-4 stem needs 32x32)
 ARCHS = ['resnet18', 'convnext_atto', 'efficientnet_b0']
