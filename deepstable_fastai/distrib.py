@@ -16,7 +16,7 @@ from .stats import STATS
 
 # %% auto #0
 __all__ = ['rank', 'world', 'is_dist', 'is_rank0', 'rank0_only', 'rank_seed', 'gather_rows', 'merge_verdict', 'sync_verdict',
-           'strip_ddp', 'ddp_modules', 'combine_stats', 'all_reduce_stats', 'all_reduce_sum', 'all_reduce_monitor',
+           'strip_ddp', 'ddp_modules', 'combine_stats', 'all_reduce_stats', 'all_reduce_sum', 'same_on_ranks',
            'BatchShardTrainer', 'setup_device', 'data_parallel']
 
 # %% ../nbs/10_distrib.ipynb #69b58fba
@@ -147,20 +147,13 @@ def all_reduce_sum(t:torch.Tensor) -> torch.Tensor:
     return r.to(dev)
 
 # %% ../nbs/10_distrib.ipynb #a29c8cdd
-def all_reduce_monitor(mon, # An `ActivationMonitor` whose fit just ended
-                       start:int=0 # First record to combine; earlier ones are already global
-                      ):
-    "Combine records `start:` of `mon`'s history across ranks, in place: exact `STATS`, summed histograms (a collective)"
-    if not is_dist() or mon.buf is None: return mon
-    k = mon.k
-    chk = _comm(torch.tensor([k, -k, start, -start]))
+def same_on_ranks(*vals:int) -> bool:
+    "True when every rank passed the same integers `vals` (one small all-reduce; `True` when not distributed)"
+    if not is_dist(): return True
+    v = torch.tensor([o for x in vals for o in (x, -x)])
+    chk = _comm(v.clone())
     dist.all_reduce(chk, op=dist.ReduceOp.MAX)
-    if chk[0]!=-chk[1] or chk[2]!=-chk[3]: raise RuntimeError(f"`all_reduce_monitor`: the ranks hold different records (here {start}:{k})")
-    if k<=start: return mon
-    ns = len(STATS)
-    mon.buf[start:k,:,:ns] = all_reduce_stats(mon.buf[start:k,:,:ns]).to(mon.buf)
-    if mon.hbuf is not None: mon.hbuf[start:k] = all_reduce_sum(mon.hbuf[start:k]).to(mon.hbuf)
-    return mon
+    return bool((chk.cpu()==v).all())
 
 # %% ../nbs/10_distrib.ipynb #f6756031
 class BatchShardTrainer(Callback):

@@ -11,7 +11,7 @@ from fastcore.all import *
 from fastai.callback.core import Callback
 from fastai.torch_core import subplots
 from .stats import training_fit, fit_running, STATS, StatsEngine, batch_key
-from .distrib import strip_ddp, ddp_modules, all_reduce_monitor
+from .distrib import strip_ddp, ddp_modules, is_dist, same_on_ranks, all_reduce_stats, all_reduce_sum
 from .trackers import trackers, log_records, pkg_reduce_ex
 
 # %% auto #0
@@ -180,7 +180,7 @@ def after_fit(self:ActivationMonitor):
     self._engine,self._snap,self._g,self._nan,self._started,self._rec = None,None,None,None,False,False
     if self.buf is not None: self.buf = self.buf.cpu()
     if self.hbuf is not None: self.hbuf = self.hbuf.cpu()
-    if fitted: all_reduce_monitor(self, getattr(self, '_k0', 0))
+    if fitted: self._merge_ranks(getattr(self, '_k0', 0))
 
 @patch
 def remove(self:ActivationMonitor):
@@ -193,6 +193,17 @@ def __getstate__(self:ActivationMonitor):
     d = {**self.__dict__, '_engine':None, '_snap':None, '_g':None, '_nan':None, '_started':False, '_rec':False, '_nest':0}
     if not self.keep_history: d.update(names=[], buf=None, hbuf=None, pos=None, k=0, stride=1, _off=0)
     return d
+
+# %% ../nbs/02_monitor.ipynb #ec85fea0
+@patch
+def _merge_ranks(self:ActivationMonitor, start:int=0):
+    "Combine records `start:` of the history across ranks, in place (a collective: every rank must call it)"
+    if not is_dist() or self.buf is None: return
+    k,ns = self.k,len(STATS)
+    if not same_on_ranks(k, start): raise RuntimeError(f"ActivationMonitor: the ranks hold different records ({start}:{k} here)")
+    if k<=start: return
+    self.buf[start:k,:,:ns] = all_reduce_stats(self.buf[start:k,:,:ns]).to(self.buf)
+    if self.hbuf is not None: self.hbuf[start:k] = all_reduce_sum(self.hbuf[start:k]).to(self.hbuf)
 
 # %% ../nbs/02_monitor.ipynb #9ec5d42f
 @patch

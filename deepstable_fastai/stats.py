@@ -12,6 +12,7 @@ from pathlib import Path
 from functools import partial
 from contextlib import contextmanager
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch._C import DisableTorchFunctionSubclass as _plain
 from fastcore.basics import patch, listify, ifnone
 from fastai.learner import Learner
 
@@ -120,13 +121,14 @@ def _add_hist(rh, x, g, w, lo:float, hi:float):
     return rh.view(-1).index_add(0, (g*(nb+3) + _bins(x, lo, hi, nb)).view(-1), w.view(-1)).view(rh.shape)
 
 # %% ../nbs/01_stats.ipynb #525513ea
-def _staged(x, ln, seg, raw, near_zero:float, rh=None, lo:float=0., hi:float=1.):
+def _staged(x, ln, seg, raw, near_zero:float, n:int, rh=None, lo:float=0., hi:float=1.):
     with torch.autocast(x.device.type, enabled=False):
         raw = _merge_rows(raw, _row_sums(x, near_zero, ln), seg)
-        if rh is None: return raw,None
-        valid = (torch.arange(x.shape[1], device=x.device, dtype=torch.int32)[None] < ln[:,None]) & (seg<rh.shape[0])[:,None]
-        g = torch.where(valid, seg.clamp(max=rh.shape[0]-1)[:,None], 0)
-        return raw,_add_hist(rh, x, g, valid.long(), lo, hi)
+        if rh is not None:
+            ok = torch.arange(x.shape[1], device=x.device, dtype=torch.int32)[None] < ln[:,None]
+            valid = ok & (seg<rh.shape[0])[:,None]
+            rh = _add_hist(rh, x, torch.where(valid, seg.clamp(max=rh.shape[0]-1)[:,None], 0), valid.long(), lo, hi)
+        return raw,rh,_finish(raw, n) # the table rides along: one call per batch
 
 def _direct(t, i, raw, near_zero:float, rh=None, lo:float=0., hi:float=1.):
     with torch.autocast(t.device.type, enabled=False):
@@ -334,11 +336,13 @@ def _hook(self:StatsEngine, i, inp, out):
     if not ts: return
     g = torch.is_grad_enabled(); torch._C._set_grad_enabled(False) # a copy must not join the autograd graph
     try:
-        if self._fresh: self._zero(ts[0].device)
-        for t in ts: self._acc(i, t)
-        if self.check_inputs or not self.order:
-            xs = _tensors(inp)
-            if xs: self._acc(len(self)+i, xs[0])
+        with _plain(): # fastai's tensor subclasses (`TensorImage`...) cost ~6 us of Python per op
+            if self._fresh: self._zero(ts[0].device)
+            self._stats = None
+            for t in ts: self._acc(i, t)
+            if self.check_inputs or not self.order:
+                xs = _tensors(inp)
+                if xs: self._acc(len(self)+i, xs[0])
     finally: torch._C._set_grad_enabled(g)
     self.order.append(i)
 
@@ -353,6 +357,7 @@ def _acc(self:StatsEngine, i, t):
         torch.ops.deepstable.acc_(t, self.raw, i, self.near_zero)
         if hist: torch.ops.deepstable.hist_(t, self.rhist, i, *self.hist_range[:2])
     elif n>self.direct_min or self._mode=='direct':
+        if type(t) is not torch.Tensor: t = t.as_subclass(torch.Tensor) # dynamo then sees a plain tensor
         self.raw,rh = _kernels['direct'](t, self._ids[i], self.raw, self.near_zero, *self._h(hist))
         if hist: self.rhist = rh
     else: self._stage(i, t)
@@ -378,7 +383,7 @@ def _stage(self:StatsEngine, i, t):
 
 @patch
 def _flush(self:StatsEngine):
-    "Reduce the staged outputs into the raw rows: one compiled call"
+    "Reduce the staged outputs into the raw rows and the table: one compiled call"
     if not self._lay: return
     k = tuple(self._lay)
     meta = self._meta.get(k)
@@ -391,7 +396,8 @@ def _flush(self:StatsEngine):
         dev = self.raw.device
         meta = self._meta[k] = (torch.tensor(ln, dtype=torch.int32, device=dev), torch.tensor(seg, device=dev))
     hist = self.do_hist and self.rhist is not None
-    self.raw,rh = _kernels['staged'](self.stage[:self._pos], *meta, self.raw, self.near_zero, *self._h(hist))
+    self.raw,rh,self._stats = _kernels['staged'](self.stage[:self._pos], *meta, self.raw, self.near_zero, len(self),
+                                                 *self._h(hist))
     if hist: self.rhist = rh
     self._lay,self._pos = [],0
 
@@ -418,8 +424,8 @@ def end(self:StatsEngine):
 @patch
 def stats(self:StatsEngine):
     "`(n_modules, len(STATS)+1)` tensor of this batch's `STATS` plus `in_bad`, or `None` if nothing was recorded"
-    if self._stats is not None or not self.order: return self._stats
     if self._lay: self._flush()
+    if self._stats is not None or not self.order: return self._stats
     self._stats = (_finish if self._mode=='cpp' else _kernels['finish'])(self.raw, len(self)) # the CPU path never compiles
     return self._stats
 
