@@ -1,4 +1,4 @@
-"Fault-injection matrix for `ExplosionGuard` on the digits resnet: each fault at a fixed batch (or a poisoned sample, a regression head in physical units, a diverging lr), against no guard and fastai's `TerminateOnNaNCallback`."
+"Fault-injection matrix for `ExplosionGuard` on the digits resnet: each fault at a fixed batch (or a poisoned sample, a regression head in physical units, a diverging lr), against no guard and fastai's `TerminateOnNaNCallback`; `drop_bad_samples` rows: the blamed samples left out of later epochs."
 import math, time, warnings
 import torch, torch.nn as nn, torch.nn.functional as F
 from fastcore.script import call_parse
@@ -78,6 +78,9 @@ CONFIGS = {'no guard': lambda: [], 'TerminateOnNaN': lambda: [TerminateOnNaNCall
            'guard skip': lambda: [ExplosionGuard('skip', verbose=False)],
            'guard rollback': lambda: [ExplosionGuard('rollback', verbose=False)],
            'guard stop': lambda: [ExplosionGuard('stop', verbose=False)],
+           'guard skip, drop_bad_samples': lambda: [ExplosionGuard('skip', drop_bad_samples=True, verbose=False)],
+           'guard rollback, drop_bad_samples':
+               lambda: [ExplosionGuard('rollback', drop_bad_samples=True, verbose=False)],
            'guard skip, act_every=10': lambda: [ExplosionGuard('skip', act_every=10, verbose=False)],
            'guard rollback, act_every=10': lambda: [ExplosionGuard('rollback', act_every=10, verbose=False)]}
 
@@ -106,7 +109,8 @@ def run(fault, config, epochs=3, at=30, lr=3e-3, size=8, seed=0):
     det = evs[0]['train_iter']-at if evs else (cancel_at-at if cancel_at is not None else None)
     stop = 'guard' if g is not None and g.stop_reason else 'TerminateOnNaN' if cancel_at is not None else '-'
     return dict(finished=done, finite=finite, acc=float(acc)*100, detect=det, stop=stop,
-                layer=evs[0]['layer'] if evs else None, n_events=len(evs), reg='units' if units else reg)
+                layer=evs[0]['layer'] if evs else None, n_events=len(evs), reg='units' if units else reg,
+                bad_samples=list(g.bad_samples) if g else None)
 
 @call_parse
 def main(epochs:int=10, # Epochs per fit (10: near convergence, as in the false-alarm run)
@@ -122,8 +126,8 @@ def main(epochs:int=10, # Epochs per fit (10: near convergence, as in the false-
     print(f"digits resnet, 8x8, fit_one_cycle({epochs}, 3e-3), fault at training batch {at} (epoch {at//22}); "
           f"clean accuracy: classification {clean[False]['acc']:.1f}%, regression head {clean[True]['acc']:.1f}%, "
           f"physical-units head {clean['units']['acc']:.1f}%\n")
-    print("| fault | config | finished | stopped by | weights+BN stats finite | acc vs clean (pts) | batches to detection | origin named | events |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| fault | config | finished | stopped by | weights+BN stats finite | acc vs clean (pts) | batches to detection | origin named | events | bad samples |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for f in (faults.split(',') if faults else FAULTS):
         for c in cfgs:
             r = run(f, c, epochs, at)
@@ -131,5 +135,5 @@ def main(epochs:int=10, # Epochs per fit (10: near convergence, as in the false-
             exp = EXPECT.get(f)
             ok = '-' if exp is None or r['layer'] is None else ('yes' if r['layer'].startswith(exp) else f"no ({r['layer']})")
             det = '-' if r['detect'] is None else r['detect']
-            print(f"| {f} | {c} | {'yes' if r['finished'] else 'no'} | {r['stop']} | {'yes' if r['finite'] else 'NO'} | {d:+.1f} | {det} | {ok} | {r['n_events']} |", flush=True)
+            print(f"| {f} | {c} | {'yes' if r['finished'] else 'no'} | {r['stop']} | {'yes' if r['finite'] else 'NO'} | {d:+.1f} | {det} | {ok} | {r['n_events']} | {'-' if not r['bad_samples'] else r['bad_samples']} |", flush=True)
     print(f"\n{time.perf_counter()-t0:.0f} s")

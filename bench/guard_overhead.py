@@ -51,7 +51,7 @@ def timed(guard):
         setattr(guard, n, g)
     return guard
 
-def inside(model='xresnet18', size=32, bs=64, repeats=3):
+def inside(model='xresnet18', size=32, bs=64, repeats=3, epochs=1):
     "CPU time spent inside the guard's events per training batch, against the CPU time of a fit without it"
     dls = make_dls(bs=bs, size=size)
     print("| config | guard CPU ms/batch | fit CPU ms/batch without guard | share |\n|---|---|---|---|")
@@ -65,11 +65,11 @@ def inside(model='xresnet18', size=32, bs=64, repeats=3):
         for r in range(repeats):
             g.cpu = 0.; learn.remove_cb(g)
             t = time.process_time()
-            with learn.no_bar(), learn.no_logging(): learn.fit(1, lr=1e-3)
+            with learn.no_bar(), learn.no_logging(): learn.fit(epochs, lr=1e-3)
             ts.append(time.process_time()-t); learn.add_cb(g)
-            with learn.no_bar(), learn.no_logging(): learn.fit(1, lr=1e-3)
+            with learn.no_bar(), learn.no_logging(): learn.fit(epochs, lr=1e-3)
             gs.append(g.cpu)
-        n = len(dls.train)
+        n = len(dls.train)*epochs
         gm,tm = statistics.median(gs)/n*1e3,statistics.median(ts)/n*1e3
         print(f"| guard '{a}' | {gm:.2f} | {tm:.1f} | {gm/tm*100:.2f}% |")
 
@@ -82,10 +82,14 @@ def main(repeats:int=5, # Interleaved repeats per configuration
          model:str='xresnet18', # 'xresnet18' (the monitor bench's) or 'resnet_digits' (the fault matrix's small resnet)
          batches:int=0, # Train batches per epoch (0: all)
          configs:str=None, # Semicolon-separated subset of configurations ('none' is always run)
-         inside_only:bool=False): # Only time the guard's own events per batch (robust on a shared machine)
+         inside_only:bool=False, # Only time the guard's own events per batch (robust on a shared machine)
+         inside_epochs:int=1, # Epochs per fit for `inside_only` (its per-fit costs are spread over them)
+         kernel:str=None): # Set `DEEPSTABLE_KERNEL` ('compiled': the device path, forced on the CPU); None: as it is
     "Print a markdown table of per-epoch cost relative to no callback"
     torch.set_num_threads(threads); warnings.simplefilter('ignore')
-    if inside_only: return inside(model, size, bs, repeats)
+    if kernel: os.environ['DEEPSTABLE_KERNEL'] = kernel
+    print(f"statistics path: {os.environ.get('DEEPSTABLE_KERNEL', 'auto')}")
+    if inside_only: return inside(model, size, bs, repeats, inside_epochs)
     dls = make_dls(bs=bs, size=size)
     learns,cfgs = {},['none']+[c for c in (configs.split(';') if configs else CONFIGS) if c!='none']
     for k in cfgs:

@@ -1,4 +1,4 @@
-"""`deepstable demo`, `deepstable train` and `deepstable check`: why deep networks explode and what cures them, your own images, and a pre-flight check, each ending in a report.
+"""`deepstable demo`, `deepstable train` and `deepstable check`: the story, your own images, a pre-flight check.
 
 Docs: https://deepstable.github.io/deepstable-fastai/cli.html.md"""
 
@@ -6,10 +6,10 @@ Docs: https://deepstable.github.io/deepstable-fastai/cli.html.md"""
 
 # %% ../nbs/09_cli.ipynb #b996d681
 from __future__ import annotations
-import os, sys, json, time, warnings
+import os, sys, warnings
 from pathlib import Path
-from fastcore.all import *
-from fastcore.script import call_parse, parse_cli, store_true, bool_arg
+from fastcore.basics import ifnone
+from fastcore.script import call_parse, anno_parser, store_true
 
 # %% auto #0
 __all__ = ['UsageError', 'demo', 'train', 'check', 'main']
@@ -19,9 +19,13 @@ class UsageError(Exception):
     "A bad command line: printed as one line, exit code 2"
 
 def _fail(msg): raise UsageError(msg)
+def _need(ok, flag, what, v):
+    "Fail with `flag must be what, got v` unless `ok`: the command line's form of `data._expect`"
+    if not ok: _fail(f"{flag} must be {what}, got {v!r}")
 
 def _one_process(cmd):
-    if int(os.environ.get('WORLD_SIZE', 1))>1: _fail(f"runs in one process; start `deepstable {cmd}` without torchrun or accelerate launch")
+    if int(os.environ.get('WORLD_SIZE', 1))>1:
+        _fail(f"runs in one process; start `deepstable {cmd}` without torchrun or accelerate launch")
 
 def _lines():
     "One line per epoch instead of progress bars: stdout is a file, a pipe or a CI log"
@@ -34,24 +38,23 @@ def _depths(s, quick):
     if s is None: return (10,20,50) if quick else (10,20,50,100)
     try: ds = tuple(int(o) for o in s.split(',') if o.strip())
     except ValueError: _fail(f"--sweep: expected comma-separated depths such as 10,20,50, got {s!r}")
-    if any(d<0 for d in ds): _fail(f"--sweep: depths must be positive, got {s!r}")
+    _need(all(d>=0 for d in ds), '--sweep', 'positive depths', s)
     return tuple(d for d in ds if d>0)
 
 @call_parse
 def demo(out:str='deepstable-report', # Report folder
-         depth:int=None, # Layers of the plain variants and blocks of the residual one (default 20, 12 with --quick)
+         depth:int=None, # Layers of the plain variants, blocks of the residual one (default 20, 12 with --quick)
          epochs:int=None, # Epochs per variant (default 5, 3 with --quick)
          quick:store_true=False, # A short run: under 2 minutes on 2 CPU cores
          seed:int=42, # Random seed for the split and the weights
          lr:float=None, # One peak lr for every variant; default: each variant's own, from lr_find
-         sweep:str=None): # Depth sweep depths, comma-separated (default 10,20,50,100; 10,20,50 with --quick); 0 for none
-    "Train four deep networks (N(0,1) weights, Kaiming, BatchNorm, residual) and a depth sweep on the digits; write a report"
+         sweep:str=None): # Depth sweep, comma-separated (default 10,20,50,100; 10,20,50 with --quick); 0 for none
+    "Train four deep networks (N(0,1) weights, Kaiming, BatchNorm, residual) and a depth sweep on the digits; report"
     from deepstable_fastai.demo import run_demo
     _one_process('demo')
     depth,epochs = ifnone(depth, 12 if quick else 20),ifnone(epochs, 3 if quick else 5)
-    if depth<=0: _fail(f"--depth must be positive, got {depth}")
-    if epochs<=0: _fail(f"--epochs must be positive, got {epochs}")
-    if lr is not None and lr<=0: _fail(f"--lr must be positive, got {lr}")
+    _need(depth>0, '--depth', 'positive', depth); _need(epochs>0, '--epochs', 'positive', epochs)
+    _need(lr is None or lr>0, '--lr', 'positive', lr)
     s = run_demo(out, depth=depth, epochs=epochs, lr=lr, seed=seed, sweep_depths=_depths(sweep, quick),
                  sweep_epochs=2 if quick else 3, lines=_lines())
     for i,t in enumerate(s['story'], 1): print(f"{i}. {_plain(t)}")
@@ -65,8 +68,8 @@ def demo(out:str='deepstable-report', # Report folder
 # %% ../nbs/09_cli.ipynb #32cc45fc
 def _resolve_arch(arch):
     "An arch function from torchvision/fastai by name, or a timm name when timm is installed"
-    import fastai.vision.models as fm, torchvision.models as tm
-    for mod in (fm, tm):
+    import fastai.vision.models as fm, fastai.vision.models.xresnet as fx, torchvision.models as tm
+    for mod in (fm, fx, tm):
         f = getattr(mod, arch, None)
         if callable(f) and not isinstance(f, type): return f
     try:
@@ -77,7 +80,10 @@ def _resolve_arch(arch):
 
 # %% ../nbs/09_cli.ipynb #d7ab7d2c
 def _image_dls(path, size, bs, valid_pct, seed, device=None):
-    from fastai.vision.all import get_image_files, verify_images, ImageDataLoaders, Resize
+    from fastai.data.transforms import get_image_files
+    from fastai.vision.utils import verify_images
+    from fastai.vision.data import ImageDataLoaders
+    from fastai.vision.augment import Resize
     p = Path(path)
     if not p.exists(): _fail(f"PATH: {p} does not exist")
     if not p.is_dir(): _fail(f"PATH: {p} is not a folder")
@@ -86,7 +92,7 @@ def _image_dls(path, size, bs, valid_pct, seed, device=None):
     bad = verify_images(files)
     if bad: _fail(f"PATH: {len(bad)} image(s) cannot be read, e.g. {bad[0]}")
     if size<=0 or bs<=0: _fail("--size and --bs must be positive")
-    if not 0<valid_pct<1: _fail(f"--valid-pct must be in (0,1), got {valid_pct}")
+    _need(0<valid_pct<1, '--valid-pct', 'in (0,1)', valid_pct)
     split = (p/'train').is_dir() and (p/'valid').is_dir()
     kw = dict(valid='valid') if split else dict(train='.', valid_pct=valid_pct, seed=seed)
     dls = ImageDataLoaders.from_folder(p, item_tfms=Resize(size), bs=bs, num_workers=0, device=device, **kw)
@@ -96,7 +102,10 @@ def _image_dls(path, size, bs, valid_pct, seed, device=None):
 
 # %% ../nbs/09_cli.ipynb #438d4e43
 def _train(path, arch, stem, epochs, lr, size, bs, out, valid_pct, seed, action):
-    from fastai.vision.all import vision_learner, accuracy, set_seed
+    import fastai.callback.progress # fastai's progress bar, as `fastai.vision.all` gives it; `_lines()` turns it off
+    from fastai.vision.learner import vision_learner
+    from fastai.metrics import accuracy
+    from fastai.torch_core import set_seed
     from deepstable_fastai.distrib import setup_device, data_parallel, is_rank0
     from deepstable_fastai.learner import bn_stem
     from deepstable_fastai.monitor import ActivationMonitor
@@ -107,14 +116,16 @@ def _train(path, arch, stem, epochs, lr, size, bs, out, valid_pct, seed, action)
     dev = setup_device()
     set_seed(seed)  # the same on every rank: same split, same initial weights
     dls = _image_dls(path, size, bs, valid_pct, seed, device=dev)
-    learn = vision_learner(dls, bn_stem(a) if stem and not isinstance(a, str) else a, pretrained=False, metrics=accuracy,
-                           cbs=[ActivationMonitor(with_hist=True), ExplosionGuard(action=action)])
+    cbs = [ActivationMonitor(with_hist=True), ExplosionGuard(action=action)]
+    learn = vision_learner(dls, bn_stem(a) if stem and not isinstance(a, str) else a, pretrained=False,
+                           metrics=accuracy, cbs=cbs)
     name = f'{arch}{"+stem" if stem else ""}'
     r = train_report(learn, out, name, epochs, lr, lines=_lines(), ctx=data_parallel(learn), save=is_rank0(),
                      description=f'vision_learner({arch}) on {path}')
     if not is_rank0(): return dict(runs=[r])  # the guard's events are identical on every rank
     r['depth'] = len(learn.activation_monitor.names)
-    return write_report(out, [r], dict(command='train', path=str(path), arch=arch, stem=stem, epochs=epochs, lr=lr, size=size, bs=bs))
+    meta = dict(command='train', path=str(path), arch=arch, stem=stem, epochs=epochs, lr=lr, size=size, bs=bs)
+    return write_report(out, [r], meta)
 
 # %% ../nbs/09_cli.ipynb #3a11081d
 @call_parse
@@ -130,12 +141,29 @@ def train(path:str, # ImageNet-style folder: train/ and valid/, or one folder pe
           seed:int=42, # Random seed
           action:str='rollback'): # ExplosionGuard action: warn, skip, rollback or stop
     "Train `vision_learner` on your image folder under the monitor and the guard, and write the report"
-    if epochs<=0: _fail(f"--epochs must be positive, got {epochs}")
-    if action not in ('warn','skip','rollback','stop'): _fail(f"--action must be warn, skip, rollback or stop, got {action!r}")
+    _need(epochs>0, '--epochs', 'positive', epochs)
+    _need(action in ('warn','skip','rollback','stop'), '--action', 'warn, skip, rollback or stop', action)
     s = _train(path, arch, not no_stem, epochs, lr, size, bs, out, valid_pct, seed, action)
     r = s['runs'][0]
     if 'headline' in r: print(f"{r['name']}: {_plain(r['headline'])}"); print(f"report: {Path(out)/'report.html'}")
     return 1 if r['events'] else 0
+
+# %% ../nbs/09_cli.ipynb #49802c81
+def _check_batch(target, data, size, bs, n_in):
+    "The model `check` looks at (an exported learner's, trained, or a fresh arch's) and one batch for it"
+    from deepstable_fastai.data import digits_image_dls
+    def dls(ch=3):
+        return _image_dls(data, size, bs, 0.2, 42) if data else digits_image_dls(size=size, bs=bs, channels=ch)
+    p = Path(target)
+    if p.suffix in ('.pkl','.pth') or p.is_file():
+        if not p.exists(): _fail(f"TARGET: {p} does not exist")
+        from fastai.learner import load_learner
+        try: model = load_learner(p, cpu=True).model.eval() # trained: BatchNorm uses its running statistics
+        except Exception as e: _fail(f"TARGET: {p} is not a file saved with learn.export(): {type(e).__name__}")
+        return model, dls().one_batch()[0]
+    from fastai.vision.learner import create_vision_model
+    a,d = _resolve_arch(target),dls(1 if n_in==1 else 3)
+    return create_vision_model(a, d.c, pretrained=False, n_in=n_in).train(), d.one_batch()[0] # as batch 1 sees it
 
 # %% ../nbs/09_cli.ipynb #7b9af7f5
 @call_parse
@@ -146,25 +174,10 @@ def check(target:str, # An arch name (resnet18, xresnet50, ...) or a file saved 
           n_in:int=3): # Input channels for an arch
     "Pre-flight `signal_check` of an arch or an exported learner on one batch; prints the verdict table"
     _one_process('check')
-    import torch
+    import torch, pandas as pd
     from deepstable_fastai.init import signal_check
-    from deepstable_fastai.data import digits_image_dls
-    p = Path(target)
-    data_dls = lambda ch=3: _image_dls(data, size, bs, 0.2, 42) if data else digits_image_dls(size=size, bs=bs, channels=ch)
-    if p.suffix in ('.pkl','.pth') or p.is_file():
-        if not p.exists(): _fail(f"TARGET: {p} does not exist")
-        from fastai.learner import load_learner
-        try: model = load_learner(p, cpu=True).model.eval()  # trained: BatchNorm uses its running statistics
-        except Exception as e: _fail(f"TARGET: {p} is not a file saved with learn.export(): {type(e).__name__}")
-        xb = data_dls().one_batch()[0]
-    else:
-        from fastai.vision.learner import create_vision_model
-        a = _resolve_arch(target)
-        dls = data_dls(1 if n_in==1 else 3)
-        model = create_vision_model(a, dls.c, pretrained=False, n_in=n_in).train()  # as the first training batch sees it
-        xb = dls.one_batch()[0]
+    model,xb = _check_batch(target, data, size, bs, n_in)
     r = signal_check(model.cpu(), torch.as_tensor(xb).cpu(), plot=False)
-    import pandas as pd
     with pd.option_context('display.max_rows', 200, 'display.width', 200): print(r.table.to_string(index=False))
     print(f"overall: {r.verdict}")
     return 0 if r.verdict=='ok' else 1
@@ -176,20 +189,20 @@ def main(argv=None):
     "`deepstable SUBCOMMAND ...`: dispatch to `demo`, `train` or `check`; returns the exit code"
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ('-h','--help'):
-        print("usage: deepstable {demo,train,check} ...\n\n"+'\n'.join(f"  {k:<6} {v.__doc__}" for k,v in _cmds.items()))
+        cmds = '\n'.join(f"  {k:<6} {v.__doc__}" for k,v in _cmds.items())
+        print(f"usage: deepstable {{demo,train,check}} ...\n\n{cmds}")
         return 0 if argv else 2
     cmd,rest = argv[0],argv[1:]
-    if cmd not in _cmds: print(f"deepstable: unknown command {cmd!r}; expected one of {', '.join(_cmds)}", file=sys.stderr); return 2
-    old = sys.argv
-    sys.argv = [f'deepstable {cmd}', *rest]
-    # library deprecation chatter (torch.jit via fastai) is noise on a command line
-    warnings.filterwarnings('ignore', category=FutureWarning)
+    if cmd not in _cmds:
+        print(f"deepstable: unknown command {cmd!r}; expected one of {', '.join(_cmds)}", file=sys.stderr); return 2
+    f = _cmds[cmd].__wrapped__
     try:
-        f = _cmds[cmd].__wrapped__
-        pargs,kw,_ = parse_cli(f)
-        return f(*pargs, **kw) or 0
+        kw = vars(anno_parser(f, prog=f'deepstable {cmd}').parse_args(rest))
+        for k in ('pdb','xtra'): kw.pop(k, None)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', FutureWarning) # library deprecation chatter is noise on a command line
+            return f(**kw) or 0
     except UsageError as e: print(f"deepstable {cmd}: {e}", file=sys.stderr); return 2
     except SystemExit as e: return e.code if isinstance(e.code, int) else 2
-    finally: sys.argv = old
 
 def _entry(): sys.exit(main())

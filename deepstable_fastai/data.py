@@ -6,15 +6,14 @@ Docs: https://deepstable.github.io/deepstable-fastai/data.html.md"""
 
 # %% ../nbs/00_data.ipynb #2f02f9a2
 from __future__ import annotations
-import os, shutil, tempfile, uuid
+import os, shutil, tempfile
 import numpy as np, torch, torch.nn.functional as F
 from pathlib import Path
-from fastcore.all import *
-from fastai.data.all import *
+from fastcore.basics import store_attr, ifnone
+from fastai.data.core import TfmdDL, DataLoaders
+from fastai.data.block import DataBlock, CategoryBlock
+from fastai.data.transforms import get_image_files, GrandparentSplitter, parent_label
 from fastai.losses import CrossEntropyLossFlat, MSELossFlat
-from fastai.vision.data import ImageDataLoaders, ImageBlock
-from fastai.vision.core import PILImage, PILImageBW
-from fastai.vision.augment import Resize
 
 # %% auto #0
 __all__ = ['digits_arrays', 'digits_split', 'TensorDS', 'TensorDL', 'digits_tensors', 'digits_dls', 'cache_dir', 'digits_folder',
@@ -28,11 +27,21 @@ def digits_arrays():
     return d.images.astype(np.float32)/16., d.target.astype(np.int64)
 
 # %% ../nbs/00_data.ipynb #da6d0a01
+def _expect(ok:bool, # the check passed
+            name:str, # the argument's name
+            what:str, # what it must be, e.g. 'a positive int'
+            v): # the value it got
+    "Raise a `ValueError` saying that argument `name` must be `what`, unless `ok`"
+    if not ok: raise ValueError(f"`{name}` must be {what}, got {v!r}")
+
+def _pos_int(name, v): _expect(isinstance(v, int) and not isinstance(v, bool) and v>0, name, 'a positive int', v)
+
+# %% ../nbs/00_data.ipynb #8e28d432
 def _check(bs=64, valid_pct=0.2, size=8, channels=1):
-    if not isinstance(bs,int) or bs<=0: raise ValueError(f"`bs` must be a positive int, got {bs!r}")
-    if not 0<valid_pct<1: raise ValueError(f"`valid_pct` must be in (0,1), got {valid_pct!r}")
-    if not isinstance(size,int) or not 8<=size<=512: raise ValueError(f"`size` must be an int in [8,512], got {size!r}")
-    if channels not in (1,3): raise ValueError(f"`channels` must be 1 or 3, got {channels!r}")
+    _pos_int('bs', bs)
+    _expect(isinstance(valid_pct, (int,float)) and 0<valid_pct<1, 'valid_pct', 'in (0,1)', valid_pct)
+    _expect(isinstance(size, int) and 8<=size<=512, 'size', 'an int in [8,512]', size)
+    _expect(channels in (1,3), 'channels', '1 or 3', channels)
 
 # %% ../nbs/00_data.ipynb #d6958f69
 def digits_split(valid_pct=0.2, seed=42):
@@ -91,7 +100,7 @@ def digits_dls(size=8, bs=64, valid_pct=0.2, seed=42, channels=1, flat=False, de
 
 # %% ../nbs/00_data.ipynb #b5135c87
 def cache_dir():
-    "Where `digits_folder` builds its trees: `$DEEPSTABLE_CACHE` or `~/.cache/deepstable`"
+    "This package's cache folder: `$DEEPSTABLE_CACHE`, else `~/.cache/deepstable`"
     return Path(os.environ.get('DEEPSTABLE_CACHE', Path.home()/'.cache'/'deepstable'))
 
 # %% ../nbs/00_data.ipynb #3b0d8d1e
@@ -100,7 +109,8 @@ def _write_pngs(dest, valid_pct, seed):
     x,y = digits_arrays()
     for split,idx in zip(('train','valid'), digits_split(valid_pct, seed)):
         for c in range(10): (dest/split/str(c)).mkdir(parents=True, exist_ok=True)
-        for i in idx: Image.fromarray((x[i]*255).round().astype(np.uint8), 'L').save(dest/split/str(y[i])/f'{i:04d}.png')
+        for i in idx:
+            Image.fromarray((x[i]*255).round().astype(np.uint8), 'L').save(dest/split/str(y[i])/f'{i:04d}.png')
     (dest/'.complete').touch()
 
 # %% ../nbs/00_data.ipynb #9fd80588
@@ -123,6 +133,9 @@ def digits_folder(path=None, valid_pct=0.2, seed=42):
 # %% ../nbs/00_data.ipynb #2d3996aa
 def digits_image_dls(path=None, size=32, bs=64, valid_pct=0.2, seed=42, channels=3, **kwargs):
     "fastai image `DataLoaders` read from the PNG tree of `digits_folder`"
+    from fastai.vision.data import ImageBlock # fastai.vision only for the image pipeline
+    from fastai.vision.core import PILImage, PILImageBW
+    from fastai.vision.augment import Resize
     _check(bs, valid_pct, size, channels)
     src = digits_folder(path, valid_pct, seed)
     blk = ImageBlock(cls=PILImage if channels==3 else PILImageBW)

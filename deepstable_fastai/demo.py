@@ -1,4 +1,4 @@
-"""Why deep networks explode and what cures them, on real digits: four deep networks, from the one that explodes to the one that trains deepest.
+"""Why deep networks explode and what cures them: four deep networks on real digits, from exploding to deepest.
 
 Docs: https://deepstable.github.io/deepstable-fastai/demo.html.md"""
 
@@ -9,20 +9,20 @@ from __future__ import annotations
 import math, time, warnings
 from pathlib import Path
 import torch, torch.nn as nn
-from fastcore.all import *
+from fastcore.basics import ifnone, first
 from fastai.learner import Learner
 from fastai.metrics import accuracy
 from fastai.losses import CrossEntropyLossFlat
 from fastai.data.transforms import Normalize
 from fastai.data.core import DataLoaders
-from fastai.callback.schedule import *
-from .data import digits_image_dls, digits_dls
-from .init import kaiming_init_, signal_check
+from fastai.torch_core import set_seed
+from .data import digits_image_dls, digits_dls, _expect
+from .init import kaiming_init_
 from .layers import BNStem
 from .learner import resblock_learner
 from .monitor import ActivationMonitor
 from .guard import ExplosionGuard
-from .report import write_report, run_verdict
+from .report import write_report, run_verdict, headline
 from .run import train_report, pick_lr, save_fig, LRPick
 
 # %% auto #0
@@ -34,7 +34,8 @@ VARIANTS = dict(
     naive='plain conv+ReLU stack with N(0,1) weights, the classic `x @ W; relu` mistake',
     kaiming='the same stack with `kaiming_init_` (std sqrt(2/fan_in) for ReLU)',
     batchnorm='Kaiming init, an input-BatchNorm stem and BatchNorm after every conv',
-    resblock='`resblock_learner`: input-BatchNorm stem, residual bottleneck blocks whose last BatchNorm starts at gamma 0')
+    resblock='`resblock_learner`: input-BatchNorm stem, residual bottleneck blocks whose last BatchNorm starts '
+             'at gamma 0')
 
 # %% ../nbs/08_demo.ipynb #5c66a105
 def plain_net(n_in:int, n_out:int,
@@ -46,7 +47,7 @@ def plain_net(n_in:int, n_out:int,
     "`depth` 3x3 conv+ReLU layers (optionally with BatchNorm and an input-BN stem) and a pooled linear head"
     layers,ni = [BNStem(n_in)] if stem else [],n_in
     for _ in range(depth):
-        layers += [nn.Conv2d(ni, nf, 3, padding=1, bias=not bn), nn.ReLU()] + ([nn.BatchNorm2d(nf)] if bn else [])
+        layers += [nn.Conv2d(ni, nf, 3, padding=1, bias=not bn), nn.ReLU(), *([nn.BatchNorm2d(nf)] if bn else [])]
         ni = nf
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(nf, n_out))
 
@@ -72,7 +73,7 @@ def demo_dls(path=None, # folder for the digits PNG tree; a cache folder if None
 def variant_learner(name:str, # one of `VARIANTS`
                     dls, depth:int=20, nf:int=32, cbs=None, **kwargs) -> Learner:
     "A `Learner` for demo variant `name` on `dls`"
-    if name not in VARIANTS: raise ValueError(f"`name` must be one of {list(VARIANTS)}, got {name!r}")
+    _expect(name in VARIANTS, 'name', f'one of {list(VARIANTS)}', name)
     n_in,n_out = dls.one_batch()[0].shape[1],dls.c
     kw = dict(metrics=accuracy, loss_func=CrossEntropyLossFlat(), cbs=cbs, **kwargs)
     if name=='resblock': return resblock_learner(dls, n_blocks=depth, nf=nf, **kw)  # the plain stacks' width
@@ -103,7 +104,8 @@ def run_variant(name:str, dls, out:Path, depth:int=20, epochs:int=2,
     import matplotlib.pyplot as plt
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     p = lr if isinstance(lr, LRPick) else LRPick(float(lr), 'set by the caller', [], [])
-    learn = variant_learner(name, dls, depth, nf, cbs=[ActivationMonitor(with_hist=True), ExplosionGuard(action=action)])
+    cbs = [ActivationMonitor(with_hist=True), ExplosionGuard(action=action)]
+    learn = variant_learner(name, dls, depth, nf, cbs=cbs)
     sig = learn.signal_check(plot=False)
     fig,ax = plt.subplots(figsize=(6,3)); sig.plot(ax=ax)
     figs = [save_fig(fig, out, f'{name}_signal_check.png')]
@@ -120,7 +122,7 @@ def depth_sweep(depths=(10,20,50,100), # layers of the plain stacks, blocks of t
                 verbose:bool=True # print one line per trained network
                ) -> list:
     "Validation accuracy of each variant at each depth after the same training budget"
-    from fastai.torch_core import set_seed
+    import fastai.callback.schedule # `fit_one_cycle` and `no_bar`, imported on use: they add fastai's progress bar
     rows,lrs = [],ifnone(lrs, {})
     for d in depths:
         for v in variants:
@@ -131,9 +133,10 @@ def depth_sweep(depths=(10,20,50,100), # layers of the plain stacks, blocks of t
                 warnings.simplefilter('ignore')
                 learn.fit_one_cycle(epochs, lrs.get(v, 1e-3))
                 acc = float(learn.validate()[1])
+            secs = time.time()-t0
             rows.append(dict(variant=v, depth=d, accuracy=acc if math.isfinite(acc) else 0., lr=lrs.get(v, 1e-3),
-                             epochs=epochs, secs=time.time()-t0))
-            if verbose: print(f"depth sweep: {v} at depth {d}: accuracy {acc:.1%} ({time.time()-t0:.1f} s)", flush=True)
+                             epochs=epochs, secs=secs))
+            if verbose: print(f"depth sweep: {v} at depth {d}: accuracy {acc:.1%} ({secs:.1f} s)", flush=True)
     return rows
 
 # %% ../nbs/08_demo.ipynb #c26dacc0
@@ -147,8 +150,8 @@ def plot_depth_sweep(rows:list, ax=None):
     ax.axhline(0.1, color='gray', ls=':', lw=1, label='chance')
     ds = sorted({r['depth'] for r in rows})
     ax.set_xscale('log'); ax.set_xticks(ds, [str(d) for d in ds]); ax.minorticks_off(); ax.set_ylim(0, 1.02)
-    ax.set_xlabel('depth: conv layers (plain), blocks (resblock)')
-    ax.set_ylabel('valid accuracy'); ax.set_title(f"the same budget: {rows[0]['epochs']} epochs at every depth", fontsize=10)
+    ax.set_xlabel('depth: conv layers (plain), blocks (resblock)'); ax.set_ylabel('valid accuracy')
+    ax.set_title(f"the same budget: {rows[0]['epochs']} epochs at every depth", fontsize=10)
     ax.legend(fontsize=8)
     return ax.figure
 
@@ -179,9 +182,9 @@ def _faster(a, b):
 # %% ../nbs/08_demo.ipynb #5eed61ad
 def _naive_line(r):
     if run_verdict(r)!='exploded': return f"**naive** did not explode here: {r['headline']}"
-    e = first(ev for ev in r['events'] if ev['kind'].startswith(('nonfinite','exploding','huge')))
-    e = e or r['events'][0]
-    val = f", std {e['value']:.3g} > {e['threshold']:.3g}" if isinstance(e.get('value'), float) and e.get('threshold') else ''
+    e = first(ev for ev in r['events'] if ev['kind'].startswith(('nonfinite','exploding'))) or r['events'][0]
+    val = (f", std {e['value']:.3g} > {e['threshold']:.3g}" if isinstance(e.get('value'), float) and e.get('threshold')
+           else '')
     return (f"**naive** (N(0,1) weights) explodes at once: `{e['kind']}` in layer `{e.get('layer') or '?'}` at epoch "
             f"{e['epoch']}, batch {e['iter']} ({e.get('pass','')} pass{val}); the guard ({e['action']}) "
             + ("kept the weights finite" if r.get('finite_weights') else "could not keep the weights finite"))
@@ -192,8 +195,8 @@ def _kaiming_line(r):
     h = [o.get('accuracy', 0) for o in r.get('history', [])]
     rising = ', still rising' if len(h)>1 and h[-1]>h[-2] else ''
     speed = f"90% after epoch {e90}" if e90 else f"{r['accuracy']:.0%} after {len(h)} epochs{rising}"
-    return (f"**kaiming** init on the same stack trains, slowly: accuracy by epoch {_curve(r)} ({speed}) at lr {r['lr']:.2g}"
-            + _jumps(r))
+    return (f"**kaiming** init on the same stack trains, slowly: accuracy by epoch {_curve(r)} ({speed}) "
+            f"at lr {r['lr']:.2g}" + _jumps(r))
 
 def _bn_line(r, k):
     if not _trains(r): return f"**batchnorm** did not train here: {r['headline']}"
@@ -207,16 +210,17 @@ def _deepest(rows, v, ok=0.5):
     return max([r['depth'] for r in rows if r['variant']==v and r['accuracy']>=ok], default=0)
 
 def _res_line(r, rows):
-    if not rows: return f"**resblock** trains: {r['headline']}" if _trains(r) else f"**resblock** did not train here: {r['headline']}"
+    if not rows: return f"**resblock** {'trains' if _trains(r) else 'did not train here'}: {r['headline']}"
     d = max(o['depth'] for o in rows)
     at = {o['variant']:o['accuracy'] for o in rows if o['depth']==d}
     others = [v for v in at if v!='resblock']
     deepest = _deepest(rows, 'resblock')>=max([_deepest(rows, v) for v in others], default=0) and \
               all(at.get('resblock', 0)>at[v] for v in others)
     cmp = ', '.join(f"{v} {at[v]:.0%}" for v in others)
-    if not deepest: return f"**resblock** did not train deepest here: at depth {d}, resblock {at.get('resblock', 0):.0%}, {cmp}"
-    return (f"**resblock** trains deepest: at {d} blocks it reaches {at['resblock']:.0%} after {rows[0]['epochs']} epochs, "
-            f"where the plain stacks at {d} layers reach {cmp} (depth sweep below)")
+    if not deepest:
+        return f"**resblock** did not train deepest here: at depth {d}, resblock {at.get('resblock', 0):.0%}, {cmp}"
+    return (f"**resblock** trains deepest: at {d} blocks it reaches {at['resblock']:.0%} after {rows[0]['epochs']} "
+            f"epochs, where the plain stacks at {d} layers reach {cmp} (depth sweep below)")
 
 def demo_story(runs:list, # results with `verdict` and `headline`, as in a summary's `runs`
                rows:list=None # `depth_sweep` rows
@@ -240,7 +244,6 @@ def run_demo(out:Path='deepstable-report', depth:int=20, epochs:int=5, size:int=
              lines:bool=False # one line per epoch instead of progress bars (logs, pipes, CI)
             ) -> dict:
     "Run every demo variant and the depth sweep on the digits, write the report into `out`; return the summary"
-    from fastai.torch_core import set_seed
     out,vs = Path(out),ifnone(variants, list(VARIANTS))
     picks,res = {},[]
     for v in vs:
@@ -251,14 +254,15 @@ def run_demo(out:Path='deepstable-report', depth:int=20, epochs:int=5, size:int=
     for v in vs:
         set_seed(seed)
         res.append(run_variant(v, demo_dls(data_path, size, bs, seed), out, depth, epochs, picks[v], lines=lines))
-    rows = depth_sweep(sweep_depths, sweep_epochs, {v:p.lr for v,p in picks.items()},
-                       [v for v in ('kaiming','batchnorm','resblock') if v in vs], bs=bs, seed=seed) if sweep_depths else []
-    panels = [dict(title='Depth sweep: why residual blocks matter', figure=save_fig(plot_depth_sweep(rows), out, 'depth_sweep.png'),
-                   text=f"Validation accuracy after {sweep_epochs} epochs of one-cycle at each depth, each variant at the lr "
-                        f"it got above. The plain stacks count conv layers, the residual network counts blocks.")] if rows else []
-    runs = [{**r, 'verdict':run_verdict(r)} for r in res]
-    from deepstable_fastai.report import headline
-    story = demo_story([{**r, 'headline':headline(r)} for r in runs], rows)
-    meta = dict(command='demo', depth=depth, epochs=epochs, size=size, bs=bs, lr=lr, seed=seed, sweep_depths=list(sweep_depths),
-                sweep_epochs=sweep_epochs, num_it=num_it, torch=torch.__version__, depth_sweep=rows)
+    swept = [v for v in ('kaiming','batchnorm','resblock') if v in vs]
+    rows = depth_sweep(sweep_depths, sweep_epochs, {v:p.lr for v,p in picks.items()}, swept, bs=bs, seed=seed) \
+           if sweep_depths else []
+    text = (f"Validation accuracy after {sweep_epochs} epochs of one-cycle at each depth, each variant at the lr it "
+            "got above. The plain stacks count conv layers, the residual network counts blocks.")
+    panels = [dict(title='Depth sweep: why residual blocks matter', text=text,
+                   figure=save_fig(plot_depth_sweep(rows), out, 'depth_sweep.png'))] if rows else []
+    story = demo_story([{**r, 'verdict':run_verdict(r), 'headline':headline(r)} for r in res], rows)
+    meta = dict(command='demo', depth=depth, epochs=epochs, size=size, bs=bs, lr=lr, seed=seed,
+                sweep_depths=list(sweep_depths), sweep_epochs=sweep_epochs, num_it=num_it, torch=torch.__version__,
+                depth_sweep=rows)
     return write_report(out, res, meta, story, panels)

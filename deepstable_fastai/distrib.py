@@ -184,11 +184,12 @@ def setup_device():
 def data_parallel(learn, # The `Learner` to train
                   timeout:int=600, # Seconds a collective may wait before the job fails instead of hanging (gloo)
                   **kwargs): # Passed on to `learn.distrib_ctx` (accelerate's options) on GPUs
-    "Train `learn` data-parallel when this process is one of several: `distrib_ctx` on GPUs, gloo + `BatchShardTrainer` on CPUs"
+    "Train `learn` data-parallel if several processes run: `distrib_ctx` on GPUs, gloo + `BatchShardTrainer` on CPUs"
     if world()<=1: yield learn; return
     if torch.cuda.is_available():
         try: import accelerate
-        except ImportError: raise ImportError("training on several GPUs needs accelerate: `pip install accelerate`") from None
+        except ImportError:
+            raise ImportError("training on several GPUs needs accelerate: `pip install accelerate`") from None
         import fastai.distributed
         with learn.distrib_ctx(**kwargs): yield learn
         return

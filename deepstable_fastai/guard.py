@@ -11,8 +11,10 @@ from typing import NamedTuple
 from collections import deque
 from fastcore.all import *
 from copy import deepcopy
+from types import MethodType
 from fastai.callback.core import Callback, CancelStepException, CancelFitException, CancelBatchException
-from .stats import training_fit, fit_running, StatsEngine, STATS, act_types, batch_key
+from .stats import (training_fit, fit_running, StatsEngine, STATS, act_types, batch_key, compiled,
+                                     kernel_path, _kernels)
 from .distrib import sync_verdict, strip_ddp, ddp_modules, is_dist, world
 from .trackers import log_event, pkg_reduce_ex
 
@@ -67,6 +69,8 @@ def _check_args(g):
     for n in ('retries','lr_recover','skip_batches'):
         v = getattr(g, n)
         if not isinstance(v,int) or v<0: raise ValueError(f"`{n}` must be a non-negative int, got {v!r}")
+    if not isinstance(g.drop_bad_samples, bool):
+        raise ValueError(f"`drop_bad_samples` must be a bool, got {g.drop_bad_samples!r}")
     if g.modules is not None and len(listify(g.modules))==0:
         raise ValueError("`modules` is empty: pass None for the default selection")
 
@@ -88,19 +92,21 @@ class ExplosionGuard(Callback):
                  grad_window:int=50, # Good batches in the running baselines (gradient norm, activations, loss)
                  grad_warmup:int=20, # Good batches seen before the relative checks start (also kept in the baselines)
                  max_skips:int=10, # Skips in any `grad_window` batches before 'skip' escalates to a rollback
-                 snapshot_every:int=None, # Good steps between in-memory snapshots; None: 10, or 100 for 'warn'
+                 snapshot_every:int=None, # Good steps between in-memory snapshots; None: 10, 25 ('skip'), 100 ('warn')
                  lr_backoff:float=0.5, # Factor applied to the learning rate at each run of rollbacks
                  lr_recover:int=20, # Good steps over which a backed-off lr climbs back to its schedule (0: never)
                  retries:int=3, # Rollbacks allowed in a fit before it is stopped
                  skip_batches:int=0, # Training batches left out after each rollback: the data window that caused it
                  act_every:int=1, # Check activations every this many batches (loss and gradients: every batch)
                  flight_batches:int=32, # Batches of per-module statistics kept for each event (`ExplosionGuard.flight`)
+                 drop_bad_samples:bool=False, # Leave the samples blamed for a non-finite batch out of later epochs
                  modules=None, # Modules (or names) to watch; None for the `StatsEngine` default
                  verbose:bool=True): # Log each event through the learner's progress bar or logger
         store_attr()
         _check_args(self)
         self._init_state()
         self.events,self.lr_scale,self.stop_reason,self.skipped,self._flights,self._nest = [],1.,None,[],[],0
+        self.bad_samples = [] # dataset indices of the samples blamed for non-finite batches (see `_blame`)
 
     def _init_state(self):
         super()._init_state(); self._engine = self._fit = self._snaps = self._base = self._pend = None
@@ -161,31 +167,45 @@ class _Snapshots:
 
 # %% ../nbs/03_guard.ipynb #5c1e9e42
 class _Ring:
-    "Last `n` rows of shape `shape` after the first `anchors` ones, on `dev`; `median()` over the filled rows"
+    "Last `n` rows of shape `shape` after the first `anchors` ones, on `dev` (NaN: not filled); `cnt`: pushes so far"
     def __init__(self, n, shape=(), anchors=0, dev=None):
         self.buf = torch.full((anchors+n, *shape), float('nan'), device=dev)
-        self.anchors,self.count,self._med = anchors,0,None
-    def push(self, v):
-        k,a = self.count,self.anchors
-        self.buf[k if k<a else a+(k-a)%(len(self.buf)-a)] = v
-        self.count,self._med = k+1,None
-    def filled(self): return self.buf[:min(self.count, len(self.buf))]
-    def median(self):
-        if self._med is None:
-            h = self.filled(); self._med = h.nanmedian(0).values if h.dim()>1 else h.nanmedian()
-        return self._med
+        self.cnt,self.anchors = torch.zeros((), dtype=torch.long, device=dev),anchors
+
+def _push(buf, cnt, v, anchors:int):
+    "Write `v` into ring `buf` at push number `cnt`'s slot (the first `anchors` slots kept) and count it"
+    slot = torch.where(cnt<anchors, cnt, anchors+(cnt-anchors)%(buf.shape[0]-anchors)).view(1)
+    buf.index_copy_(0, slot, v.to(buf.dtype).reshape(1, *buf.shape[1:]))
+    cnt.add_(1)
+
+def _grad_base(buf, cnt, v, warm:int, factor:float):
+    "Push gradient norm `v`; the next threshold: `factor` x the median, `inf` before `warm` pushes"
+    _push(buf, cnt, v, warm)
+    return torch.where(cnt>=warm, factor*buf.nanmedian(), float('inf'))
+
+def _loss_base(buf, cnt, v, warm:int, z:float):
+    "Push loss `v`; the next threshold: the median plus `z` robust std devs (and at least the median), `inf` in warm-up"
+    _push(buf, cnt, v, warm)
+    med = buf.nanmedian()
+    return torch.where(cnt>=warm, med+torch.maximum(z*1.4826*(buf-med).abs().nanmedian(), med.abs()), float('inf'))
+
+def _act_base(buf, cnt, v, warm:int, factor:float):
+    "Push each module's output std `v` (as its log); the next thresholds: `factor` x its median std (floored), or `inf`"
+    _push(buf, cnt, v.log(), warm)
+    med = buf.nanmedian(0).values
+    return torch.where(cnt>=warm, factor*torch.fmax(med, med.nanmedian()).exp(), float('inf'))
 
 class _Baselines:
-    "Running baselines of a fit: gradient norm, loss, each module's log output std; and each module's vanishing streak"
+    "Running baselines of a fit (gradient norm, loss, log output std per module), their thresholds, vanishing streaks"
     def __init__(self, n_mods, window, warmup, dev):
         store_attr('window,warmup,dev')
         self.grad,self.loss = _Ring(window, anchors=warmup, dev=dev),_Ring(window, anchors=warmup, dev=dev)
-        self.loss_thr = None
+        self.grad_thr = self.loss_thr = torch.full((), float('inf'), device=dev)
         self.resize(n_mods)
     def resize(self, n_mods):
         "New per-module state (the engine's module list changed)"
         self.act,self.vcnt = _Ring(self.window, (n_mods,), self.warmup, self.dev),torch.zeros(n_mods, device=self.dev)
-        self.act_thr = None
+        self.act_thr = torch.full((n_mods,), float('inf'), device=self.dev)
 
 # %% ../nbs/03_guard.ipynb #0f378e59
 class _Pending:
@@ -203,12 +223,14 @@ class _FitState:
     "Counters and caches of one fit"
     def __init__(self, g, params):
         self.params,self.all = params,tuple(range(len(params)))
-        self.every = g.snapshot_every or (100 if g.action=='warn' else 10)
+        self.every = g.snapshot_every or dict(warn=100, skip=25).get(g.action, 10)
         self.up = (1/g.lr_backoff)**(1/g.lr_recover) if g.lr_recover else 1.
         self.nb = self.steps = self.rollbacks = self.badrun = self.amp_run = self.skip_left = self.nflight = 0
         self.ok = self.backed = self.transient = False
         self.skips = deque() # train_iter of recent skips, for the escalation budget
         self.saved_lr,self.gnorm,self.gii,self.last_order,self.cache,self.origin = None,None,(),(),{},None
+        self.solo = True # the verdict being acted on is one batch's alone (not merged over accumulated batches)
+        self.drop = None # (training loader, its own `get_idxs` attribute or None, dataset indices left out)
         self.flight,self.fiters = None,[] # the flight recorder: a device ring of per-module statistics, their batches
 
 # %% ../nbs/03_guard.ipynb #6cb63f99
@@ -218,6 +240,7 @@ def remove(self:ExplosionGuard):
     f,lrn = self._fit,self.learn
     if f is not None and f.saved_lr is not None and getattr(lrn, 'opt', None) is not None:
         lrn.opt.set_hypers(lr=f.saved_lr)
+    if f is not None and f.drop is not None: _undrop(*f.drop[:2])
     if self._engine is not None: self._engine.release(lrn, self)
     self._engine = self._fit = self._snaps = self._base = self._pend = None
     self._nest = 0
@@ -240,11 +263,14 @@ def before_train(self:ExplosionGuard):
 def _start(self:ExplosionGuard):
     lrn = self.learn
     self._engine = StatsEngine.acquire(lrn, self, ddp_modules(lrn.model, self.modules))
-    self.events,self.lr_scale,self.stop_reason,self.skipped,self._flights = [],1.,None,[],[]
+    self.events,self.lr_scale,self.stop_reason,self.skipped,self._flights,self.bad_samples = [],1.,None,[],[],[]
     dev = next(lrn.model.parameters()).device
     self._fit = _FitState(self, [(n,p) for n,p in lrn.model.named_parameters() if p.requires_grad])
     self._base = _Baselines(len(self._engine), self.grad_window, self.grad_warmup, dev)
     self._pend,self._snaps = _Pending(),_Snapshots(lrn)
+    # the decision maths: compiled on the device path, eager where the engine takes the CPU C++ path (no compile wait)
+    cpu_cpp = dev.type=='cpu' and self._engine.path in (None,'cpp') and kernel_path(wait=True)=='cpp'
+    self._fit.k = {n:(c.f if cpu_cpp else c) for n,c in _GK.items()}
     self._modules_changed()
 
 # %% ../nbs/03_guard.ipynb #dadb65b2
@@ -265,7 +291,7 @@ def after_fit(self:ExplosionGuard):
     if self._nest: self._nest -= 1; return
     if self._engine is None: return
     ps = [*self.learn.model.parameters(), *(b for b in self.learn.model.buffers() if b.is_floating_point())]
-    if ps and not torch.stack([p.isfinite().all() for p in ps]).all().item():
+    if ps and not torch.stack(torch._foreach_norm(ps, float('inf'))).isfinite().all().item(): # max |x| is finite?
         self._snaps.restore()
         self._record('nonfinite_weights', 'model', float('nan'), None, 'restore')
     self.remove()
@@ -288,55 +314,51 @@ def _first(m, o, val, thr, aux=None):
     return torch.cat([m.any().float().view(1), _at(o, p), p.float(), _at(val, p), _at(thr, p),
                       _at(aux, p) if aux is not None else val.new_zeros(1)])
 
-@patch
-def _act_thr(self:ExplosionGuard):
-    "Each module's exploding threshold on its output std: `act_factor` x its baseline (floored), or inf in warm-up"
-    b = self._base
-    if b.act.count<self.grad_warmup: return torch.full_like(b.vcnt, float('inf'))
-    if b.act_thr is None:
-        med = b.act.median() # each module's median log std
-        b.act_thr = self.act_factor*torch.fmax(med, med.nanmedian()).exp()
-    return b.act_thr
-
 # %% ../nbs/03_guard.ipynb #d6aac87b
-@patch
-def _spike_row(self:ExplosionGuard, l):
-    "The `loss_spike` row for mean loss `l`"
-    r,z,nan = self._base.loss,l.new_zeros(()),l.new_tensor(float('nan'))
-    if r.count<self.grad_warmup: return torch.stack([z, z-1, z-1, l, nan, z])
-    if self._base.loss_thr is None:
-        h = r.filled(); med = h.median()
-        self._base.loss_thr = med + torch.maximum(self.loss_z*1.4826*(h-med).abs().median(), med.abs())
-    thr = self._base.loss_thr
-    return torch.stack([(l.isfinite() & (l>thr)).float(), z-1, z-1, l, thr, z])
+def _loss_rows(l, lthr):
+    "The loss's two rows (`nonfinite_loss`, `loss_spike`) for per-sample losses `l` and spike threshold `lthr`"
+    l = l.float(); lm = l.mean()
+    z = lm.new_zeros(())
+    return (torch.stack([(~l.isfinite()).any().float(), z-1, z-1, lm, z+float('nan'), z]),
+            torch.stack([(lm.isfinite() & (lm>lthr)).float(), z-1, z-1, lm, lthr, z]), lm)
+
+def _loss_math(l, lthr):
+    "Forward rows (`_FWD`) of a batch without activation statistics, and the mean loss"
+    lrow,srow,lm = _loss_rows(l, lthr)
+    Z = torch.zeros_like(lrow)
+    return torch.stack([Z, lrow, Z, Z, srow]),lm
 
 # %% ../nbs/03_guard.ipynb #fe4da356
-@patch
-def _fwd_checks(self:ExplosionGuard, loss, count=True):
-    "Forward rows (`_FWD`) from `loss` and the engine, and the per-module std for the baseline"
-    l = loss.detach().float().as_subclass(torch.Tensor); lm = l.mean() # a plain tensor: fastai's subclass costs per op
-    z,nan = lm.new_zeros(()),lm.new_tensor(float('nan'))
-    lrow = torch.stack([(~l.isfinite()).any().float(), z-1, z-1, lm, nan, z])
-    s = self._engine.stats()
-    if s is None or not self._engine.order:
-        Z = torch.zeros(6, device=l.device); return torch.stack([Z, lrow, Z, Z, self._spike_row(lm)]),None,lm
-    o = self._order(); r = s[o]
+def _fwd_math(s, o, act, vcnt, athr, l, lthr, std_max:float, absmax_max:float, std_min:float, dead_max:float,
+              patience:int, count:bool):
+    "Forward rows (`_FWD`) from the engine's table `s` (modules `o` in forward order), the losses `l` and the baselines"
+    lrow,srow,lm = _loss_rows(l, lthr)
+    r = s[o]
     std,amax = r[:,_STD],r[:,_AMAX]
     out_bad,in_bad = (r[:,_NAN]+r[:,_INF])>0, r[:,_INB]>0
-    bad = _first(out_bad|in_bad, o, r[:,_NAN]+r[:,_INF], nan, in_bad.float())
-    thr = self._act_thr()[o]
-    over,huge = std>self.std_max,amax>self.absmax_max
+    bad = _first(out_bad|in_bad, o, r[:,_NAN]+r[:,_INF], lm.new_full((), float('nan')), in_bad.float())
+    thr = athr[o]
+    over,huge = std>std_max,amax>absmax_max
     ex = ~out_bad & (over | huge | (std>thr))
     exr = _first(ex, o, torch.where(huge & ~over, amax, std),
-                 torch.where(over, self.std_max, torch.where(huge, self.absmax_max, thr)))
-    act = self._act[o]
-    ref = self.std_min*torch.where(act, std, 0.).nan_to_num(0., 0., 0.).cummax(0).values # the largest activation so far
+                 torch.where(over, std_max, torch.where(huge, absmax_max, thr)))
+    a = act[o]
+    ref = std_min*torch.where(a, std, 0.).nan_to_num(0., 0., 0.).cummax(0).values # the largest activation so far
     low = std<ref
-    va = act & (low | (r[:,_ZERO]>self.dead_max))
-    c = torch.where(va, self._base.vcnt[o]+1, 0.)
-    if count: self._base.vcnt[o] = c
-    var = _first(c==self.patience, o, torch.where(low, std, r[:,_ZERO]), torch.where(low, ref, self.dead_max))
-    return torch.stack([bad, lrow, exr, var, self._spike_row(lm)]),s[:,_STD],lm
+    va = a & (low | (r[:,_ZERO]>dead_max))
+    c = torch.where(va, vcnt[o]+1, 0.)
+    if count: vcnt.index_copy_(0, o, c)
+    var = _first(c==patience, o, torch.where(low, std, r[:,_ZERO]), torch.where(low, ref, dead_max))
+    return torch.stack([bad, lrow, exr, var, srow]),s[:,_STD],lm
+
+@patch
+def _fwd_checks(self:ExplosionGuard, loss, count=True):
+    "Forward rows (`_FWD`) from `loss` and the engine, the per-module std for the baseline, the mean loss"
+    l,b,k = loss.detach().as_subclass(torch.Tensor),self._base,self._fit.k # fastai's tensor subclass costs per op
+    s = self._engine.stats()
+    if s is None or not self._engine.order: rows,lm = k['loss'](l, b.loss_thr); return rows,None,lm
+    return k['fwd'](s, self._order(), self._act, b.vcnt, b.act_thr, l, b.loss_thr, float(self.std_max),
+                    float(self.absmax_max), float(self.std_min), float(self.dead_max), self.patience, count)
 
 # %% ../nbs/03_guard.ipynb #a1358069
 @patch
@@ -348,26 +370,36 @@ def _rank(self:ExplosionGuard, ii):
         f.cache[k] = torch.tensor([float(pos.get(f.pmod[i], -1)) for i in ii], device=self._base.dev)
     return f.cache[k]
 
+def _bwd_math(n, rank, gthr, fwd, cur):
+    "The verdict: forward rows `fwd`, backward rows from gradient norms `n` (module ranks `rank`), `cur`'s first row"
+    n = n.float()
+    tot,bad = n.norm(),~n.isfinite()
+    p = torch.where(bad, rank, -2.).argmax().view(1)
+    nf = torch.cat([bad.any().float().view(1), p.float(), _at(rank, p), _at(n, p), n.new_full((1,), float('nan')),
+                    n.new_zeros(1)])
+    q = torch.where(bad, -1., n).argmax().view(1)
+    ex = torch.cat([(tot.isfinite() & (tot>gthr)).float().view(1), q.float(), _at(rank, q), tot.view(1), gthr.view(1),
+                    n.new_zeros(1)])
+    return torch.cat([fwd, torch.stack([nf, ex]), cur[:1]]),tot
+
 @patch
-def _bwd_checks(self:ExplosionGuard):
-    "Backward rows of the verdict: non-finite grad, exploding grad"
-    f = self._fit
-    gs = [p.grad for _,p in f.params]
+def _verdict(self:ExplosionGuard):
+    "The `(8, 6)` verdict on the device: forward rows, backward rows (non-finite, exploding grad), this batch's first"
+    f,p = self._fit,self._pend
+    gs = [o.grad for _,o in f.params]
     ii = f.all if not any(g is None for g in gs) else tuple(i for i,g in enumerate(gs) if g is not None)
     f.gii = ii
-    if not ii: f.gnorm = None; return torch.zeros(2, 6, device=self._base.dev)
-    n = torch.stack(torch._foreach_norm(gs if ii is f.all else [gs[i] for i in ii])).float()
-    tot,bad,nan = n.norm(),~n.isfinite(),n.new_tensor(float('nan'))
-    f.gnorm = tot
-    rank = self._rank(ii)
-    p = torch.where(bad, rank, -2.).argmax().view(1)
-    nf = torch.cat([bad.any().float().view(1), p.float(), _at(rank, p), _at(n, p), nan.view(1), n.new_zeros(1)])
-    h = self._base.grad
-    thr = self.grad_factor*h.median() if h.count>=self.grad_warmup else n.new_tensor(float('inf'))
-    q = torch.where(bad, -1., n).argmax().view(1)
-    ex = torch.cat([(tot.isfinite() & (tot>thr)).float().view(1), q.float(), _at(rank, q), tot.view(1), thr.view(1),
-                    n.new_zeros(1)])
-    return torch.stack([nf, ex])
+    if not ii:
+        f.gnorm = None
+        return torch.cat([p.fwd, torch.zeros(2, 6, device=self._base.dev), p.cur[:1]])
+    n = torch.stack(torch._foreach_norm(gs if ii is f.all else [gs[i] for i in ii]))
+    v,f.gnorm = f.k['bwd'](n, self._rank(ii), self._base.grad_thr, p.fwd, p.cur)
+    return v
+
+# %% ../nbs/03_guard.ipynb #6090d531
+_GK = dict(fwd=compiled(_fwd_math), loss=compiled(_loss_math), bwd=compiled(_bwd_math), grad=compiled(_grad_base),
+           lossb=compiled(_loss_base), act=compiled(_act_base))
+_kernels.update({f'guard_{n}':c for n,c in _GK.items()}) # `OpCounter` counts each call of them as one compiled call
 
 # %% ../nbs/03_guard.ipynb #5b0532b9
 @patch
@@ -395,7 +427,7 @@ def after_loss(self:ExplosionGuard):
     p.seen |= s is not None
     p.solo = p.fwd is None # the verdict's forward rows are this batch's alone
     p.fwd = rows if p.solo else torch.where(p.fwd[:,:1]>0, p.fwd, rows)
-    p.cur = rows[:1]
+    p.cur = rows # its first row: this batch's own `nonfinite_act`
     e.end()
 
 @patch
@@ -408,8 +440,8 @@ def before_step(self:ExplosionGuard):
     "Decide on this batch before the optimizer step"
     if self._engine is None: return
     f,p = self._fit,self._pend
-    p.decided,f.amp_run,f.transient,f.origin = True,0,False,None
-    R = _rows(self._decide(torch.cat([p.fwd, self._bwd_checks(), p.cur])), KINDS+('current',))
+    p.decided,f.amp_run,f.transient,f.origin,f.solo = True,0,False,None,p.solo
+    R = _rows(self._decide(self._verdict()), KINDS+('current',))
     if not p.seen and (R['nonfinite_loss'].flag or R['exploding_grad'].flag): R = self._localise(R)
     elif R['current'].flag and R['current'].pos>0 and p.solo: R = self._localise(R, refine=True)
     p.fwd,p.seen = None,False
@@ -439,7 +471,8 @@ def _act_on(self:ExplosionGuard, R):
     deep = a=='stop' or (a=='rollback' and f.badrun>0) # to the trusted snapshot, else to the state before this batch
     to = '' if a in ('warn','skip') else _where(snaps.good) if deep else 'the state before this batch'
     if a=='rollback' and self.skip_batches: to += f', leaving out the next {self.skip_batches} batches'
-    self._record_row(k, R[k], f'{a} ({why})' if why else a, to)
+    blame = self._blame() if k in ('nonfinite_act','nonfinite_loss') and f.solo and not f.transient else {}
+    self._record_row(k, R[k], f'{a} ({why})' if why else a, to, **blame)
     f.badrun += 1
     if a=='warn': return self._good(promote=False)
     snaps.pending = None
@@ -463,9 +496,10 @@ def _good(self:ExplosionGuard, promote=True):
     if promote:
         f.badrun,f.backed = 0,False
         self._snaps.promote()
-        if f.gnorm is not None: b.grad.push(f.gnorm)
-        if p.loss is not None: b.loss.push(p.loss); b.loss_thr = None
-        if p.std is not None: b.act.push(p.std.log()); b.act_thr = None
+        w = self.grad_warmup
+        if f.gnorm is not None: b.grad_thr = f.k['grad'](b.grad.buf, b.grad.cnt, f.gnorm, w, float(self.grad_factor))
+        if p.loss is not None: b.loss_thr = f.k['lossb'](b.loss.buf, b.loss.cnt, p.loss, w, float(self.loss_z))
+        if p.std is not None: b.act_thr = f.k['act'](b.act.buf, b.act.cnt, p.std, w, float(self.act_factor))
         if self.lr_scale<1: self.lr_scale = min(1., self.lr_scale*f.up)
     if self.lr_scale!=1:
         f.saved_lr = [h['lr'] for h in self.learn.opt.hypers]
@@ -489,6 +523,7 @@ def after_cancel_step(self:ExplosionGuard):
     f,p = self._fit,self._pend
     if p.decided or p.fwd is None: return
     R = _rows(self._decide(p.fwd), _FWD)
+    f.solo = p.solo
     p.fwd,p.seen = None,False
     if any(R[k].flag for k in ('nonfinite_act','nonfinite_loss','exploding_act')):
         f.amp_run,z = 0,Row(*[0.]*6)
@@ -574,6 +609,95 @@ def _between(self:ExplosionGuard, r, leaves, ran):
     if has_p and gap==[]: return nb
     return f'between {na!r} and {nb!r}'
 
+# %% ../nbs/03_guard.ipynb #abcb5237
+_BLAME_MAX = 4 # bad subsets followed at once; more, and the whole batch is to blame (damaged weights)
+
+def _take(t, ix, bs):
+    "Rows `ix` of `t` if it is a batch tensor (first dimension `bs`), else `t`"
+    return t[ix] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0]==bs else t
+
+def _bisect(bad, n):
+    "Positions in `range(n)` that `bad` (a predicate on position lists) finds bad alone, by halving; None: too many"
+    level = [(list(range(n)), False)] # (subset, replayed and found bad); the whole batch is bad by the verdict
+    while any(len(ix)>1 for ix,_ in level):
+        nxt = []
+        for ix,tested in level:
+            if len(ix)==1: nxt.append((ix, tested)); continue
+            a,b = ix[:len(ix)//2],ix[len(ix)//2:]
+            ba = bad(a)
+            if ba: nxt.append((a, True))
+            if len(nxt)>_BLAME_MAX: return None
+            if not ba and tested: nxt.append((b, False)) # a bad set whose first half is clean: the second is bad
+            elif bad(b): nxt.append((b, True))
+            if len(nxt)>_BLAME_MAX: return None
+        level = nxt
+    return [ix[0] for ix,tested in level if tested or bad(ix)]
+
+def _dataset_idxs(dl, it, bs, pos):
+    "Dataset indices of positions `pos` of batch `it` (of `bs` samples) of fastai `DataLoader` `dl`; None if unknown"
+    idxs,dbs = getattr(dl, '__dict__', {}).get('_DataLoader__idxs'),getattr(dl, 'bs', None) # this epoch's `get_idxs()`
+    if not isinstance(idxs, list) or not isinstance(dbs, int) or bs>dbs: return None
+    s = idxs[it*dbs:it*dbs+bs]
+    if len(s)!=bs or not all(hasattr(o, '__index__') for o in s): return None
+    return [int(s[p]) for p in pos]
+
+# %% ../nbs/03_guard.ipynb #acbf5243
+@patch
+def _blame(self:ExplosionGuard):
+    "Replay halves of this non-finite batch to find its bad samples: `dict(positions, samples, replays)`, {} if not run"
+    lrn = self.learn
+    if is_dist(): return {} # rank-local replays and answers: the ranks' events would differ
+    xb,yb,m = tuple(lrn.xb),tuple(lrn.yb),lrn.model
+    t = first(o for o in xb if isinstance(o, torch.Tensor) and o.dim())
+    if t is None: return {}
+    bs,n,rec,bufs = len(t),[0],[],self._snaps.bufs
+    saved = [b.clone() for b in bufs]
+    def bad(ix):
+        n[0] += 1; rec.clear()
+        j = torch.tensor(ix*2 if len(ix)==1 else ix, device=t.device) # a sample alone runs twice: BatchNorm needs two
+        try:
+            with torch.no_grad():
+                out = m(*[_take(o, j, bs) for o in xb])
+                nf = [(~o.isfinite()).any() for o in _floats(out)] + [r[1] for r in rec]
+                try: nf.append((~lrn.loss_func(out, *[_take(o, j, bs) for o in yb]).detach().float().isfinite()).any())
+                except (RuntimeError, ValueError, IndexError): pass # a loss tied to the whole batch (MixUp's)
+        finally:
+            if bufs: torch._foreach_copy_(bufs, saved)
+        return bool(torch.stack(nf).any()) if nf else False # a host read per replay, on bad batches only
+    leaves = [o for o in m.modules() if next(o.children(), None) is None]
+    hs = [o.register_forward_hook(partial(_leaf_hook, rec, i)) for i,o in enumerate(leaves)]
+    dev = self._base.dev
+    rng = torch.random.fork_rng(devices=[dev] if dev.type=='cuda' else [])
+    with rng, self._engine.aside(('blame', lrn.train_iter), False):
+        try: pos = _bisect(bad, bs)
+        except Exception as e: # a diagnosis, not worth a fit: say so and go on
+            warnings.warn(f"ExplosionGuard: the samples of a non-finite batch could not be blamed: {e!r}"); return {}
+        finally:
+            for h in hs: h.remove()
+    res = dict(positions=pos, samples=None, replays=n[0])
+    if not pos: return res
+    res['samples'] = ids = _dataset_idxs(lrn.dl, lrn.iter, bs, pos)
+    if ids is None: return res
+    self.bad_samples += [i for i in ids if i not in self.bad_samples]
+    if self.drop_bad_samples: self._drop(ids); res['dropped'] = True
+    return res
+
+def _undrop(dl, old):
+    "Give loader `dl` back its own `get_idxs` attribute (`old`, None: the class's)"
+    if old is None: dl.__dict__.pop('get_idxs', None)
+    else: dl.get_idxs = old
+
+@patch
+def _drop(self:ExplosionGuard, ids):
+    "Leave dataset indices `ids` out of the training loader's later epochs (its `get_idxs`, on this instance only)"
+    f,dl = self._fit,self.learn.dl
+    if f.drop is None:
+        orig,out = dl.get_idxs,set()
+        def get_idxs(d): return [i for i in orig() if i not in out]
+        f.drop = (dl, dl.__dict__.get('get_idxs'), out)
+        dl.get_idxs = MethodType(get_idxs, dl) # a bound method: `dl.new()` does not copy it into new loaders
+    f.drop[2].update(ids)
+
 # %% ../nbs/03_guard.ipynb #aea5daaf
 @patch
 def _layer(self:ExplosionGuard, k, r):
@@ -589,22 +713,30 @@ def _layer(self:ExplosionGuard, k, r):
 def _where(snap): return 'the start of the fit' if snap['iter'] is None else f"the state after batch {snap['iter']}"
 
 @patch
-def _record_row(self:ExplosionGuard, k, r, action, to=''):
+def _record_row(self:ExplosionGuard, k, r, action, to='', **blame):
     thr = None if math.isnan(r.threshold) else r.threshold
-    self._record(k, strip_ddp(self._layer(k, r)), r.value, thr, action, r.ranks, to)
+    self._record(k, strip_ddp(self._layer(k, r)), r.value, thr, action, r.ranks, to, **blame)
 
 # %% ../nbs/03_guard.ipynb #185c5be4
+def _blame_msg(b):
+    "The blame part of an event's message"
+    if not b: return ''
+    if b['positions'] is None: return ', samples not narrowed down'
+    if not b['positions']: return ', no sample alone reproduced it'
+    if b['samples'] is None: return f", samples at batch positions {b['positions']}"
+    return f", samples {b['samples']}{' (left out from now on)' if b.get('dropped') else ''}"
+
 @patch
-def _record(self:ExplosionGuard, kind, layer, value, threshold, action, ranks=None, to=''):
+def _record(self:ExplosionGuard, kind, layer, value, threshold, action, ranks=None, to='', **blame):
     ev = dict(epoch=self.learn.epoch, iter=self.learn.iter, train_iter=self.learn.train_iter, kind=kind, layer=layer,
-              value=value, threshold=threshold, action=action, **{'pass':_PASS[kind]})
+              value=value, threshold=threshold, action=action, **{'pass':_PASS[kind]}, **blame)
     thr = '' if threshold is None else f' (threshold {threshold:.3g})'
     on = ''
     if is_dist():
         ev['ranks'] = ifnone(ranks, list(range(world()))) # checks of replicated state (weights, synced grads) see it on all ranks
         on = f" on rank{'s' if len(ev['ranks'])>1 else ''} {', '.join(map(str, ev['ranks']))}"
     ev['message'] = (f"ExplosionGuard: {kind} at epoch {ev['epoch']} iter {ev['iter']} in {layer!r}{on} ({ev['pass']} pass), "
-                     f"value {value:.3g}{thr}: {action}{', back to '+to if to else ''}")
+                     f"value {value:.3g}{thr}{_blame_msg(blame)}: {action}{', back to '+to if to else ''}")
     self.events.append(ev); self._flights.append(self._flight_now())
     log_event(self.learn, ev) # TensorBoard / W&B, when attached
     if self.verbose: self._log(ev['message'])
@@ -661,6 +793,7 @@ def report(self:ExplosionGuard, plot:bool=False, # Also draw `plot_events`
         if esc: print(f"Escalated {len(esc)} time(s): {'; '.join(e['action'] for e in esc)}")
         sk = self.skipped
         if sk: print(f'Left out after rollbacks: {len(sk)} batches ({sk[0]} to {sk[-1]})')
+        if self.bad_samples: print(f'Bad samples (dataset indices): {self.bad_samples}')
         if self.stop_reason: print(f'Stopped: {self.stop_reason}')
     if plot: self.plot_events()
     return df

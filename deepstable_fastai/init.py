@@ -6,9 +6,10 @@ Docs: https://deepstable.github.io/deepstable-fastai/init.html.md"""
 
 # %% ../nbs/04_init.ipynb #38c4f3dd
 from __future__ import annotations
-import math, torch, torch.nn as nn, numpy as np, pandas as pd
-from fastcore.all import *
+import functools, math, torch, torch.nn as nn, numpy as np, pandas as pd
+from fastcore.basics import GetAttr, store_attr, ifnone, patch
 from fastai.learner import Learner
+from .stats import STATS, act_types, tensor_stats, finish_stats
 
 # %% auto #0
 __all__ = ['second_moment_gain', 'act_gain', 'layer_acts', 'kaiming_init_', 'lsuv_init_', 'signal_layers', 'SignalReport',
@@ -22,32 +23,39 @@ def second_moment_gain(f, n=200_001, lim=12.):
     return 1/math.sqrt(torch.trapezoid(f(z)**2*w, z).item())
 
 # %% ../nbs/04_init.ipynb #439c944b
-_GAINS = dict(gelu=second_moment_gain(nn.functional.gelu), silu=second_moment_gain(nn.functional.silu),
-              sigmoid=second_moment_gain(torch.sigmoid))
-_ACTS = {nn.ReLU:'relu', nn.ReLU6:'relu', nn.LeakyReLU:'leaky_relu', nn.PReLU:'leaky_relu', nn.GELU:'gelu', nn.SiLU:'silu',
-         nn.Tanh:'tanh', nn.Sigmoid:'sigmoid', nn.Identity:'linear', nn.Softmax:'linear', nn.LogSoftmax:'linear'}
+_SMG = dict(gelu=nn.functional.gelu, silu=nn.functional.silu, sigmoid=torch.sigmoid) # gains by `second_moment_gain`
+@functools.cache
+def _smg(name): return second_moment_gain(_SMG[name]) # computed once, on first use
+
+_ACTS = {nn.ReLU:'relu', nn.ReLU6:'relu', nn.LeakyReLU:'leaky_relu', nn.PReLU:'leaky_relu', nn.GELU:'gelu',
+         nn.SiLU:'silu', nn.Tanh:'tanh', nn.Sigmoid:'sigmoid', nn.Identity:'linear', nn.Softmax:'linear',
+         nn.LogSoftmax:'linear'}
 
 # %% ../nbs/04_init.ipynb #2039bcd3
 def act_gain(act=None): # module, module class, name, number, or None
-    "Kaiming gain for `act`: a module, a module class, a name like `'relu'`, a number (used as is), or None (identity)"
+    "Kaiming gain for `act`: a module, a module class, a name like `'relu'`, a number, or None (identity)"
     if act is None: return 1.
     if isinstance(act, (int,float)): return float(act)
     if isinstance(act, type): act = act()
     name = act if isinstance(act, str) else _ACTS.get(type(act))
-    if name is None: raise ValueError(f"no Kaiming gain for activation {type(act).__name__}; pass `act=` (a supported name or a gain)")
-    if name in _GAINS: return _GAINS[name]
+    if name is None:
+        raise ValueError(f"no Kaiming gain for activation {type(act).__name__}; pass `act=` (a name or a gain)")
+    if name in _SMG: return _smg(name)
     if isinstance(act, nn.PReLU): return nn.init.calculate_gain('leaky_relu', act.weight.mean().item())
     if name=='leaky_relu': return nn.init.calculate_gain(name, getattr(act, 'negative_slope', 0.01))
-    if name in ('relu','tanh','linear','identity'): return nn.init.calculate_gain('linear' if name=='identity' else name)
-    raise ValueError(f"no Kaiming gain for activation {name!r}; use one of {sorted(set(_ACTS.values())|set(_GAINS))} or a number")
+    if name in ('relu','tanh','linear'): return nn.init.calculate_gain(name)
+    if name=='identity': return 1.
+    raise ValueError(f"no Kaiming gain for activation {name!r}; use one of {sorted(set(_ACTS.values())|set(_SMG))} "
+                     "or a number")
 
 # %% ../nbs/04_init.ipynb #f5fff0b0
 _WEIGHT = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_ACT_NAMES = {'mish','swish','hardswish','hardsigmoid','elu','selu','celu','softplus','softsign','relu','gelu','silu','tanh','sigmoid'}
+_ACT_NAMES = {'mish','swish','hardswish','hardsigmoid','elu','selu','celu','softplus','softsign','relu','gelu',
+              'silu','tanh','sigmoid'}
 def _is_act(m):
-    "Is `m` an activation module: a supported one, any of torch's, or a parameter-free leaf named like one"
-    if type(m) in _ACTS: return True
-    if list(m.children()) or list(m.parameters(recurse=False)): return False
+    "Is `m` an activation: one of `stats.act_types`, one `act_gain` knows, or a parameter-free leaf like one"
+    if isinstance(m, act_types) or type(m) in _ACTS: return True
+    if next(m.children(), None) is not None or next(m.parameters(recurse=False), None) is not None: return False
     return type(m).__module__=='torch.nn.modules.activation' or type(m).__name__.lower() in _ACT_NAMES
 
 def layer_acts(model):
@@ -70,24 +78,15 @@ def kaiming_init_(model:nn.Module, # initialised in place
             if l.bias is not None: l.bias.zero_()
     return model
 
-# %% ../nbs/04_init.ipynb #f9a9f5cc
-def _layer_stds(model, x):
-    "Std of the output of every weight layer of `model` on `x`"
-    res = []
-    hs = [l.register_forward_hook(lambda m,i,o: res.append(o.float().std().item())) for l,_ in layer_acts(model)]
-    try:
-        with torch.no_grad(): model(x)
-    finally:
-        for h in hs: h.remove()
-    return res
-
 # %% ../nbs/04_init.ipynb #ab5148c9
 class _Stop(Exception): pass
 
 def _forward_order(model, xb):
     "Weight layers of `model` in the order a forward pass on `xb` reaches them"
     order = []
-    hs = [l.register_forward_hook(lambda m,i,o: order.append(m) if m not in order else None) for l,_ in layer_acts(model)]
+    def hook(m,i,o):
+        if m not in order: order.append(m)
+    hs = [l.register_forward_hook(hook) for l,_ in layer_acts(model)]
     try:
         with torch.no_grad(): model(xb)
     finally:
@@ -96,7 +95,7 @@ def _forward_order(model, xb):
 
 def _std_at(model, l, xb):
     res = {}
-    def hook(m,i,o): res['std'] = o.float().std().item(); raise _Stop()
+    def hook(m,i,o): res['std'] = finish_stats(tensor_stats(o))[STATS.index('std')].item(); raise _Stop()
     h = l.register_forward_hook(hook)
     try:
         with torch.no_grad(): model(xb)
@@ -127,31 +126,27 @@ def lsuv_init_(model:nn.Module, # initialised in place
     return pd.DataFrame(rows)
 
 # %% ../nbs/04_init.ipynb #ec64b0e5
-def _res_types():
-    import torchvision.models.resnet as tr, fastai.layers as fl
-    res = [tr.BasicBlock, tr.Bottleneck, fl.ResBlock]
-    try: from deepstable_fastai.layers import ResBlock; res.append(ResBlock)
-    except ImportError: pass
-    return tuple(res)
-
-def signal_layers(model):
+def signal_layers(model:nn.Module):
     "Named modules `signal_check` hooks: residual blocks as units, else leaf modules with parameters"
-    rt,res = _res_types(),[]
+    from deepstable_fastai.layers import residual_blocks # `layers` knows the blocks
+    rb,res = set(map(id, residual_blocks(model))),[]
     def walk(m, pre):
         for n,c in m.named_children():
             nm = f'{pre}.{n}' if pre else n
-            if isinstance(c, rt) or (not list(c.children()) and len(list(c.parameters(recurse=False)))>0): res.append((nm,c))
+            leaf = next(c.children(), None) is None and next(c.parameters(recurse=False), None) is not None
+            if id(c) in rb or leaf: res.append((nm,c))
             else: walk(c, nm)
     walk(model, '')
     return res or [(type(model).__name__, model)]
 
 # %% ../nbs/04_init.ipynb #1f3e7259
 def _stats(o):
-    o = o.detach().float(); fin = torch.isfinite(o)
-    v = o[fin]
+    "mean, std, fraction of dead units and of non-finite values of output `o`, from `stats.tensor_stats`"
+    s = dict(zip(STATS, finish_stats(tensor_stats(o)).tolist()))
+    o = o.detach()
     units = o.transpose(0,1).flatten(1) if o.dim()>1 else o[None]
-    return dict(mean=v.mean().item() if v.numel() else float('nan'), std=v.std().item() if v.numel()>1 else float('nan'),
-                dead=(units<=0).all(1).float().mean().item(), nonfinite=1-fin.float().mean().item())
+    return dict(mean=s['mean'], std=s['std'], dead=(units<=0).all(1).float().mean().item(),
+                nonfinite=(s['nan']+s['inf'])/max(o.numel(), 1))
 
 def _verdict(std, nonfinite, lo, hi):
     if nonfinite>0 or not math.isfinite(std) or std>hi: return 'exploding'
@@ -170,7 +165,8 @@ class SignalReport(GetAttr):
         if ax is None: _,ax = plt.subplots(figsize=(6,3))
         s = self.table['std'].replace([np.inf], np.nan).clip(lower=1e-30)
         ax.semilogy(np.arange(1,len(s)+1), s, '.-'); ax.axhspan(lo, hi, color='g', alpha=0.1)
-        ax.set_xlabel('depth (hooked layer)'); ax.set_ylabel('output std'); ax.set_title(f'signal check: {self.verdict}')
+        ax.set_xlabel('depth (hooked layer)'); ax.set_ylabel('output std')
+        ax.set_title(f'signal check: {self.verdict}')
         return ax
 
 # %% ../nbs/04_init.ipynb #8ad23bc3
@@ -181,7 +177,8 @@ def signal_check(model:nn.Module, xb:torch.Tensor,
                  plot:bool=True): # plot std against depth
     "One gradient-free forward pass on `xb`: per-layer stats and verdicts (`exploding`/`vanishing`/`ok`)"
     mods = ifnone(modules, signal_layers(model))
-    mods = [o if isinstance(o, tuple) else (type(o).__name__, o) for o in mods]
+    names = {m:k for k,m in model.named_modules()}
+    mods = [o if isinstance(o, tuple) else (names.get(o, type(o).__name__), o) for o in mods]
     res = {}
     def hook(n, o):
         if n not in res: res[n] = _stats(o[0] if isinstance(o,tuple) else o)

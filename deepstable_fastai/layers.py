@@ -6,8 +6,9 @@ Docs: https://deepstable.github.io/deepstable-fastai/layers.html.md"""
 
 # %% ../nbs/05_layers.ipynb #96f55449
 from __future__ import annotations
-import torch, torch.nn as nn
-from fastcore.all import *
+import functools, torch, torch.nn as nn
+from fastcore.basics import ifnone
+from .data import _expect, _pos_int
 from .trackers import pkg_reduce_ex
 
 # %% auto #0
@@ -57,8 +58,7 @@ def bottleneck(nf:int, # channels (or features) in
                bn_1st:bool=False, # conv-BN-ReLU instead of conv-ReLU-BN
                zero_bn:bool=True): # start the last BatchNorm's gamma at 0
     "A residual branch: 1x1 down to `nh`, `ks`x`ks`, 1x1 up to `nf_out`, each with ReLU and BatchNorm"
-    if not isinstance(nf, int) or nf<=0: raise ValueError(f"`nf` must be a positive int, got {nf!r}")
-    if ndim not in (1,2): raise ValueError(f"`ndim` must be 1 (vectors) or 2 (images), got {ndim!r}")
+    _pos_int('nf', nf); _expect(ndim in (1,2), 'ndim', '1 (vectors) or 2 (images)', ndim)
     nf_out,nh = ifnone(nf_out, nf),ifnone(nh, (nf+1)//2)
     layers = (_unit(nf, nh, 1, 1, ndim, bn, bn_1st) + _unit(nh, nh, ks, stride, ndim, bn, bn_1st)
               + _unit(nh, nf_out, 1, 1, ndim, bn, bn_1st, act=not bn_1st))
@@ -67,25 +67,30 @@ def bottleneck(nf:int, # channels (or features) in
     return res
 
 # %% ../nbs/05_layers.ipynb #76da3a86
-def _branch_bn(b):
-    "Last BatchNorm of the residual branch of block `b`, or None"
+@functools.cache
+def _res_types():
+    "The residual-block classes this package knows: ours, fastai's, torchvision's"
     import torchvision.models.resnet as tr, fastai.layers as fl
+    return (ResBlock, fl.ResBlock, tr.BasicBlock, tr.Bottleneck)
+
+def _branch_bn(b):
+    "Last BatchNorm of the residual branch of block `b` (one of `_res_types()`), or None"
+    import fastai.layers as fl
     if isinstance(b, ResBlock): mods = b.residual.modules()
     elif isinstance(b, fl.ResBlock): mods = b.convpath.modules()
-    elif isinstance(b, (tr.BasicBlock, tr.Bottleneck)):
+    else: # torchvision's blocks: everything but the downsample shortcut
         skip = set(b.downsample.modules()) if b.downsample is not None else set()
         mods = (m for m in b.modules() if m not in skip)
-    else: return None
     bns = [m for m in mods if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     return bns[-1] if bns else None
 
 # %% ../nbs/05_layers.ipynb #8c6b52e4
-def residual_blocks(model):
-    "Residual blocks of `model` that `zero_gamma_` knows"
-    import torchvision.models.resnet as tr, fastai.layers as fl
-    return [m for m in model.modules() if isinstance(m, (ResBlock, fl.ResBlock, tr.BasicBlock, tr.Bottleneck))]
+def residual_blocks(model:nn.Module):
+    "Residual blocks of `model` that `zero_gamma_` and `signal_check` know, in registration order"
+    return [m for m in model.modules() if isinstance(m, _res_types())]
 
-def zero_gamma_(model):
+# %% ../nbs/05_layers.ipynb #f44d487c
+def zero_gamma_(model:nn.Module):
     "Zero gamma of the last BatchNorm in every residual branch of `model`; returns how many"
     bns = [o for o in map(_branch_bn, residual_blocks(model)) if o is not None]
     if not bns: raise ValueError(f"`model` ({type(model).__name__}) has no residual branch ending in BatchNorm; "
@@ -102,7 +107,7 @@ class BNStem(nn.Sequential):
                  nf:int|None=None, # if given, add conv to `nf` channels, ReLU and BatchNorm
                  ks:int=3, # kernel size of the conv
                  ndim:int=2): # 2: images, 1: vectors
-        if not isinstance(n_in, int) or n_in<=0: raise ValueError(f"`n_in` must be a positive int, got {n_in!r}")
+        _pos_int('n_in', n_in)
         bn = nn.BatchNorm1d if ndim==1 else nn.BatchNorm2d
         layers = [bn(n_in)]
         if nf is not None: layers += _unit(n_in, nf, ks, 1, ndim, True, False)

@@ -7,11 +7,13 @@ Docs: https://deepstable.github.io/deepstable-fastai/learner.html.md"""
 # %% ../nbs/06_learner.ipynb #a22b334c
 from __future__ import annotations
 import importlib, torch.nn as nn
-from fastcore.all import *
+from fastcore.basics import ifnone
+from fastcore.foundation import L
+from fastcore.meta import delegates
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import params
-from fastai.vision.learner import model_meta, create_body, default_split, TimmBody
+from .data import _pos_int
 from .init import kaiming_init_
 from .layers import ResBlock, bottleneck, projection, zero_gamma_, BNStem, _unit
 from .trackers import pkg_reduce_ex
@@ -21,10 +23,6 @@ __all__ = ['resblock_net', 'resblock_split', 'resblock_learner', 'WithStem', 'in
            'add_bn_stem', 'timm_split']
 
 # %% ../nbs/06_learner.ipynb #6bed5351
-def _check_pos(name, v):
-    if not isinstance(v, int) or isinstance(v, bool) or v<=0:
-        raise ValueError(f"`{name}` must be a positive int, got {v!r}")
-
 def _stage_sizes(n_blocks, n_stages): return [n_blocks//n_stages + (i < n_blocks%n_stages) for i in range(n_stages)]
 
 # %% ../nbs/06_learner.ipynb #906110f1
@@ -39,7 +37,7 @@ def resblock_net(n_in:int, # input channels (images) or features (vectors)
                  zero_gamma:bool=True, # start each branch's last BatchNorm at gamma 0
                  head_bn:bool=True): # with `bn`, a BatchNorm between the pooled features and the linear layer
     "Stem, `n_blocks` `ResBlock(bottleneck(...))` and a pooled head, Kaiming-initialised"
-    for k,v in dict(n_in=n_in, n_out=n_out, n_blocks=n_blocks, nf=nf, n_stages=n_stages).items(): _check_pos(k, v)
+    for k,v in dict(n_in=n_in, n_out=n_out, n_blocks=n_blocks, nf=nf, n_stages=n_stages).items(): _pos_int(k, v)
     stem = BNStem(n_in, nf, ndim=ndim) if bn else nn.Sequential(*_unit(n_in, nf, 3, 1, ndim, False, False))
     blocks,ni = [],nf
     for i,n in enumerate(_stage_sizes(n_blocks, 1 if ndim==1 else min(n_stages, n_blocks))):
@@ -129,7 +127,9 @@ def insert_stem_(model:nn.Module, stem:nn.Module|None=None): # `stem` as in `Wit
 class _StemCut:
     "A `model_meta` cut: insert the stem, then cut as `cut` would"
     def __init__(self, cut): self.cut = cut
-    def __call__(self, model): return create_body(insert_stem_(model), pretrained=False, cut=self.cut)
+    def __call__(self, model):
+        from fastai.vision.learner import create_body
+        return create_body(insert_stem_(model), pretrained=False, cut=self.cut)
 
 class BNStemArch:
     "`arch` for fastai's builders, which insert a `BNStem` before its first layer; see `bn_stem`"
@@ -144,7 +144,8 @@ def bn_stem(arch): # an arch function, e.g. `resnet18` or `xresnet34`
     if isinstance(arch, str):
         raise ValueError(f"`arch` must be an arch function; for the timm arch {arch!r} use "
                          f"`add_bn_stem(vision_learner(dls, {arch!r}))`")
-    res = BNStemArch(arch)
+    from fastai.vision.learner import model_meta, default_split
+    res = BNStemArch(arch) # registered on first use: `vision_learner` reads its cut from `model_meta` only
     if res not in model_meta:
         meta = model_meta.get(arch, {'cut':None, 'split':default_split})
         model_meta[res] = {**meta, 'cut':_StemCut(meta['cut'])}
@@ -161,6 +162,7 @@ def add_bn_stem(learn:Learner): # e.g. from `vision_learner`, timm archs include
 # %% ../nbs/06_learner.ipynb #c5a77472
 def timm_split(m:nn.Module): # a model from `vision_learner(dls, '<timm arch>')`
     "Stem and first half of the stages, the other half, and the head of a timm `vision_learner` model"
+    from fastai.vision.learner import TimmBody
     if not (isinstance(m, nn.Sequential) and len(m)>1 and isinstance(m[0], TimmBody)):
         raise ValueError(f"`m` must be a `vision_learner` model of a timm arch (`TimmBody`, head), "
                          f"got {type(m).__name__}")

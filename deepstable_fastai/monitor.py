@@ -1,4 +1,4 @@
-"""Per-layer activation and gradient statistics of every training batch, computed on the device, kept in bounded memory, drawn as one picture.
+"""Per-layer activation and gradient statistics of training batches: on the device, in bounded memory, in one picture.
 
 Docs: https://deepstable.github.io/deepstable-fastai/monitor.html.md"""
 
@@ -26,7 +26,7 @@ class ActivationMonitor(Callback):
     "Record per-layer activation and gradient statistics of training batches on the device, in bounded memory"
     order,__reduce_ex__ = -5,pkg_reduce_ex # loading an export without this package says so
     def __init__(self,
-                 modules=None, # Modules or qualified names to hook; `None`: every leaf with parameters, plus activations
+                 modules=None, # Modules or qualified names to hook; `None`: leaves with parameters, plus activations
                  every:int=1, # Record one training batch in `every`
                  grads:bool=True, # Record gradient norm, weight norm and update ratio of modules with parameters
                  updates:bool=True, # Measure the update ratio (keeps a copy of the trained weights during a fit)
@@ -42,10 +42,13 @@ class ActivationMonitor(Callback):
         if update_every<1: raise ValueError(f"`update_every` must be >= 1, got {update_every!r}")
         if cap<2 or cap%2: raise ValueError(f"`cap` must be an even number >= 2, got {cap!r}")
         if not 1<=bins<=4096 or not hist_range[0]<hist_range[1]:
-            raise ValueError(f"`bins` (1 to 4096) and `hist_range` must describe at least one bin, got {bins!r}, {hist_range!r}")
+            raise ValueError(f"`bins` (1 to 4096) and `hist_range` must describe at least one bin, "
+                             f"got {bins!r}, {hist_range!r}")
         store_attr(but='modules')
-        self.modules,self.names,self.buf,self.hbuf,self.pos,self.k,self.stride,self._off = modules,[],None,None,None,0,1,0
-        self._engine,self._on,self._started,self._rec,self._upd,self._snap,self._g,self._nest = None,False,False,False,False,None,None,0
+        self.modules,self.names,self.buf,self.hbuf,self.pos = modules,[],None,None,None
+        self.k,self.stride,self._off = 0,1,0
+        self._engine,self._on,self._started,self._rec,self._upd = None,False,False,False,False
+        self._snap,self._g,self._nest = None,None,0
 
 # %% ../nbs/02_monitor.ipynb #a49d4595
 @patch
@@ -82,7 +85,8 @@ def _alloc(self:ActivationMonitor, names, dev):
     self.names,self.k,self.stride,self._off,self._logged = list(names),0,1,0,-1
     self.pos = torch.zeros(self.cap, 4, dtype=torch.long) # on the host: written through a numpy view, no op
     self.buf = torch.full((self.cap, len(names), len(MONITOR_STATS)), float('nan'), device=dev)
-    self.hbuf = torch.zeros(self.cap, len(names), self.bins+3, dtype=torch.int32, device=dev) if self.with_hist else None
+    self.hbuf = (torch.zeros(self.cap, len(names), self.bins+3, dtype=torch.int32, device=dev)
+                 if self.with_hist else None)
 
 # %% ../nbs/02_monitor.ipynb #970341cd
 @patch
@@ -190,7 +194,8 @@ def remove(self:ActivationMonitor):
 @patch
 def __getstate__(self:ActivationMonitor):
     "Pickle the settings; the history only with `keep_history`"
-    d = {**self.__dict__, '_engine':None, '_snap':None, '_g':None, '_nan':None, '_started':False, '_rec':False, '_nest':0}
+    d = {**self.__dict__, '_engine':None, '_snap':None, '_g':None, '_nan':None,
+         '_started':False, '_rec':False, '_nest':0}
     if not self.keep_history: d.update(names=[], buf=None, hbuf=None, pos=None, k=0, stride=1, _off=0)
     return d
 
@@ -200,7 +205,8 @@ def _merge_ranks(self:ActivationMonitor, start:int=0):
     "Combine records `start:` of the history across ranks, in place (a collective: every rank must call it)"
     if not is_dist() or self.buf is None: return
     k,ns = self.k,len(STATS)
-    if not same_on_ranks(k, start): raise RuntimeError(f"ActivationMonitor: the ranks hold different records ({start}:{k} here)")
+    if not same_on_ranks(k, start):
+        raise RuntimeError(f"ActivationMonitor: the ranks hold different records ({start}:{k} here)")
     if k<=start: return
     self.buf[start:k,:,:ns] = all_reduce_stats(self.buf[start:k,:,:ns]).to(self.buf)
     if self.hbuf is not None: self.hbuf[start:k] = all_reduce_sum(self.hbuf[start:k]).to(self.hbuf)
@@ -213,7 +219,8 @@ def _to_trackers(self:ActivationMonitor):
     p = self.pos[:self.k]
     idx = ((p[:,0]>self._logged) & (p[:,3]==1)).nonzero().squeeze(1) # by step: survives the halving at `cap`
     if not len(idx): return
-    log_records(self.learn, p[idx,0].numpy(), self.names, {s:self.buf[idx,:,i].cpu().numpy() for i,s in enumerate(MONITOR_STATS)},
+    stats = {s:self.buf[idx,:,i].cpu().numpy() for i,s in enumerate(MONITOR_STATS)}
+    log_records(self.learn, p[idx,0].numpy(), self.names, stats,
                 hists=None if self.hbuf is None else self.hbuf[idx].cpu().numpy(), hist_range=self.hist_range)
     self._logged = int(p[idx[-1],0])
 
@@ -229,7 +236,8 @@ def layer_idx(self:ActivationMonitor, idx):
     if isinstance(idx, str):
         if idx not in self.names: raise ValueError(f"`idx`: {idx!r} is not a monitored layer, see `.names`")
         return self.names.index(idx)
-    if not -len(self.names)<=idx<len(self.names): raise IndexError(f"`idx`: {idx} is out of range for {len(self.names)} layers")
+    if not -len(self.names)<=idx<len(self.names):
+        raise IndexError(f"`idx`: {idx} is out of range for {len(self.names)} layers")
     return idx%len(self.names)
 
 @patch
@@ -297,7 +305,8 @@ def plot(self:ActivationMonitor, stat:str='std', log:bool=True, ax=None, figsize
     if log: v = np.log10(np.clip(np.abs(np.where(bad, 1., v)), 1e-12, None))
     fig,ax = _ax(ax, figsize or (10, max(3, min(12, 0.18*len(self.names)+1.5))))
     cmap = plt.get_cmap('viridis').copy(); cmap.set_bad('red'); cmap.set_under('black')
-    lo = np.percentile(v[~bad], 2) if (~bad).any() else None   # exact zeros (a zero-init BatchNorm) would flatten the scale
+    # the 2nd percentile: exact zeros (a zero-init BatchNorm) would flatten the scale
+    lo = np.percentile(v[~bad], 2) if (~bad).any() else None
     im = ax.imshow(np.ma.masked_array(v, bad), aspect='auto', interpolation='nearest', cmap=cmap, vmin=lo)
     fig.colorbar(im, ax=ax, label=f"log10 {stat}" if log else stat, extend='min')
     ys = range(0, len(names), max(1, math.ceil(len(names)/max_labels)))

@@ -1,4 +1,4 @@
-"""`summary.json`, `summary.md` and a self-contained `report.html` that shows in ten seconds which run exploded, where, and which trained.
+"""`summary.json`, `summary.md` and a self-contained `report.html`: which run exploded, where, and which trained.
 
 Docs: https://deepstable.github.io/deepstable-fastai/report.html.md"""
 
@@ -8,7 +8,7 @@ Docs: https://deepstable.github.io/deepstable-fastai/report.html.md"""
 from __future__ import annotations
 import base64, html, json, math, re, time
 from pathlib import Path
-from fastcore.all import *
+from fastcore.basics import first
 
 # %% auto #0
 __all__ = ['run_verdict', 'headline', 'write_summary', 'write_html', 'write_report']
@@ -48,8 +48,8 @@ def headline(r:dict) -> str:
                 f"({e.get('pass','')} pass), action {e.get('action')}; {len(evs)} event(s); accuracy {acc}")
     if not evs: return f"{v}: accuracy {acc}, no guard events"
     e = evs[0]
-    return (f"{v}: accuracy {acc}; {len(evs)} guard event(s) handled, the first {e.get('kind')} at epoch {e.get('epoch')}, "
-            f"batch {e.get('iter')}, action {e.get('action')}")
+    return (f"{v}: accuracy {acc}; {len(evs)} guard event(s) handled, the first {e.get('kind')} at epoch "
+            f"{e.get('epoch')}, batch {e.get('iter')}, action {e.get('action')}")
 
 # %% ../nbs/07_report.ipynb #caab5189
 def _jsonable(o):
@@ -69,7 +69,8 @@ def _row(r):
     acc = f'{acc:.1%}' if isinstance(acc, float) and math.isfinite(acc) else 'n/a'
     lr = f'{lr:.2g}' if isinstance(lr, float) else ''
     secs = f"{r['secs_per_epoch']:.1f}" if isinstance(r.get('secs_per_epoch'), float) else ''
-    return f"| {r['name']} | {r['verdict']} | {acc} | {lr} | {r.get('depth','')} | {secs} | {len(r['events'])} | {first} |"
+    cells = (r['name'], r['verdict'], acc, lr, r.get('depth',''), secs, len(r['events']), first)
+    return '| ' + ' | '.join(map(str, cells)) + ' |'
 
 def write_summary(out:Path, # report folder
                   results:list, # one dict per run
@@ -83,9 +84,9 @@ def write_summary(out:Path, # report folder
     summ = _jsonable(dict(created=time.strftime('%Y-%m-%d %H:%M:%S'), meta=meta or {}, story=story or [],
                           panels=panels or [], runs=runs))
     (out/'summary.json').write_text(json.dumps(summ, indent=2))
+    cols = ('run','verdict','accuracy','lr','depth','s/epoch','events','first event')
     md = ["# deepstable stability report", '', *[f"{i}. {s}" for i,s in enumerate(summ['story'], 1)], '',
-          '| run | verdict | accuracy | lr | depth | s/epoch | events | first event |', '|---|---|---|---|---|---|---|---|',
-          *map(_row, runs), '']
+          '| '+' | '.join(cols)+' |', '|'+'---|'*len(cols), *map(_row, runs), '']
     md += [f"- **{r['name']}**: {r.get('description','')}. {r['headline']}" +
            (f". lr {r['lr']:.2g}: {r['lr_reason']}" if r.get('lr_reason') else '') for r in runs]
     for p in summ['panels']: md += ['', f"## {p['title']}", '', p.get('text',''), '', f"![{p['title']}]({p['figure']})"]
@@ -106,7 +107,8 @@ def _img(p):
     p = Path(p)
     if not p.exists(): return f'<p class="missing">missing plot: {html.escape(p.name)}</p>'
     b = base64.b64encode(p.read_bytes()).decode()
-    return f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,{b}"><figcaption>{html.escape(p.stem)}</figcaption></figure>'
+    name = html.escape(p.stem)
+    return f'<figure><img alt="{name}" src="data:image/png;base64,{b}"><figcaption>{name}</figcaption></figure>'
 
 _css = """body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
 .cards{display:flex;gap:12px;flex-wrap:wrap}.card{flex:1 1 300px;border-radius:8px;padding:12px 16px;color:white}
@@ -115,18 +117,27 @@ img{max-width:640px;border:1px solid #ddd}figcaption{font-size:12px;color:#666}t
 td,th{border:1px solid #ddd;padding:4px 8px}.missing{color:#d9534f}.story{font-size:17px;line-height:1.5}"""
 
 # %% ../nbs/07_report.ipynb #5201cc20
-_evkeys = ('epoch','iter','kind','layer','pass','value','threshold','action')
-
-def _events_table(evs):
+def _events_table(evs, n=20):
+    "The first `n` events as an HTML table, one column per field the guard records (but its long message)"
     if not evs: return '<p>No guard events.</p>'
-    rows = ''.join('<tr>'+''.join(f'<td>{html.escape(_fmt(ev.get(k,"")))}</td>' for k in _evkeys)+'</tr>' for ev in evs[:20])
-    more = f'<p>... {len(evs)-20} more events in summary.json</p>' if len(evs)>20 else ''
-    return f'<table><tr>{"".join(f"<th>{k}</th>" for k in _evkeys)}</tr>{rows}</table>{more}'
+    ks = list(dict.fromkeys(k for ev in evs for k in ev if k not in ('train_iter','message','ranks')))
+    cell = lambda ev,k: f'<td>{html.escape(_fmt(ev.get(k,"")))}</td>'
+    rows = ''.join('<tr>'+''.join(cell(ev,k) for k in ks)+'</tr>' for ev in evs[:n])
+    more = f'<p>... {len(evs)-n} more events in summary.json</p>' if len(evs)>n else ''
+    return f'<table><tr>{"".join(f"<th>{k}</th>" for k in ks)}</tr>{rows}</table>{more}'
 
 def _run_section(r, out):
-    lr = f'<p>lr {r["lr"]:.2g}{": "+_inline(r["lr_reason"]) if r.get("lr_reason") else ""}</p>' if isinstance(r.get('lr'), float) else ''
+    why = ': '+_inline(r['lr_reason']) if r.get('lr_reason') else ''
+    lr = f'<p>lr {r["lr"]:.2g}{why}</p>' if isinstance(r.get('lr'), float) else ''
     figs = ''.join(_img(out/p) for p in r.get('figures', []))
-    return f'<section><h2>{html.escape(r["name"])}</h2><p>{_inline(r.get("description",""))}</p>{lr}{_events_table(r["events"])}{figs}</section>'
+    return (f'<section><h2>{html.escape(r["name"])}</h2><p>{_inline(r.get("description",""))}</p>{lr}'
+            f'{_events_table(r["events"])}{figs}</section>')
+
+# %% ../nbs/07_report.ipynb #713048da
+def _cards(s):
+    e = html.escape
+    return ''.join(f'<div class="card" style="background:{_colors[r["verdict"]]}"><h3>{e(r["name"])}: {r["verdict"]}'
+                   f'</h3><div>{e(r["headline"]).replace("`","")}</div></div>' for r in s['runs'])
 
 def write_html(out:Path, # report folder holding `summary.json` and the plots
                title:str='deepstable stability report'
@@ -134,16 +145,14 @@ def write_html(out:Path, # report folder holding `summary.json` and the plots
     "Write the self-contained `report.html` for the summary in `out`"
     out = Path(out); s = json.loads((out/'summary.json').read_text())
     e = html.escape
-    story = f'<ol class="story">{"".join(f"<li>{_inline(t)}</li>" for t in s.get("story", []))}</ol>' if s.get('story') else ''
-    cards = ''.join(f'<div class="card" style="background:{_colors[r["verdict"]]}"><h3>{e(r["name"])}: {r["verdict"]}</h3>'
-                    f'<div>{e(r["headline"]).replace("`","")}</div></div>' for r in s['runs'])
-    panels = ''.join(f'<section><h2>{e(p["title"])}</h2><p>{_inline(p.get("text",""))}</p>{_img(out/p["figure"])}</section>'
-                     for p in s.get('panels', []))
-    meta = e(json.dumps(s.get('meta', {})))
-    page = (f'<!doctype html><html><head><meta charset="utf-8"><title>{e(title)}</title><style>{_css}</style></head><body>'
-            f'<h1>{e(title)}</h1><p>Created {e(s["created"])}.</p>{story}<div class="cards">{cards}</div>{panels}'
-            f'{"".join(_run_section(r, out) for r in s["runs"])}'
-            f'<details><summary>run settings</summary><pre>{meta}</pre></details></body></html>')
+    story = ''.join(f"<li>{_inline(t)}</li>" for t in s.get("story", []))
+    story = f'<ol class="story">{story}</ol>' if story else ''
+    panels = ''.join(f'<section><h2>{e(p["title"])}</h2><p>{_inline(p.get("text",""))}</p>{_img(out/p["figure"])}'
+                     '</section>' for p in s.get('panels', []))
+    page = (f'<!doctype html><html><head><meta charset="utf-8"><title>{e(title)}</title><style>{_css}</style>'
+            f'</head><body><h1>{e(title)}</h1><p>Created {e(s["created"])}.</p>{story}<div class="cards">{_cards(s)}'
+            f'</div>{panels}{"".join(_run_section(r, out) for r in s["runs"])}<details><summary>run settings'
+            f'</summary><pre>{e(json.dumps(s.get("meta", {})))}</pre></details></body></html>')
     (out/'report.html').write_text(page)
     return out/'report.html'
 

@@ -1,4 +1,4 @@
-"""One helper that trains a learner under the monitor and the guard and keeps what the report needs; `deepstable demo` and `deepstable train` both use it.
+"""One helper that trains a learner under the monitor and the guard and keeps what the report needs.
 
 Docs: https://deepstable.github.io/deepstable-fastai/run.html.md"""
 
@@ -11,10 +11,9 @@ from statistics import median
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import NamedTuple
-import torch
-from fastcore.all import *
+from fastcore.basics import ifnone
 from fastai.learner import Learner
-from fastai.callback.schedule import *
+from .stats import act_types
 
 # %% auto #0
 __all__ = ['save_fig', 'epoch_lines', 'LRPick', 'pick_lr', 'train_report']
@@ -44,6 +43,7 @@ def epoch_lines(learn:Learner,
     def log(o):
         msg = o if isinstance(o, str) else _fmt_log(learn.recorder.metric_names, list(o), learn.n_epoch)
         print(f"{name}: {msg}" if name else msg, file=file or sys.stdout, flush=True)
+    import fastai.callback.progress # `Learner.no_bar`, imported on use (see `pick_lr`)
     old = learn.logger
     with learn.no_bar():
         learn.logger = log
@@ -70,7 +70,7 @@ def pick_lr(learn:Learner,
             min_drop:float=0.1 # the loss must fall by this share of its starting level to count as a valley
            ) -> LRPick:
     "`lr_find`'s valley for `learn`, or `fallback` when its loss curve never falls by `min_drop`"
-    from fastai.callback.schedule import valley
+    from fastai.callback.schedule import valley # imported on use: it adds fastai's progress bar to every Learner
     mine = [cb for cb in learn.cbs if type(cb).__name__ in ('ActivationMonitor','ExplosionGuard')]
     with learn.removed_cbs(mine), learn.no_bar(), warnings.catch_warnings():
         warnings.simplefilter('ignore')
@@ -87,7 +87,6 @@ def pick_lr(learn:Learner,
 # %% ../nbs/07a_run.ipynb #89234b1d
 def _deepest_act(learn):
     "Index in the monitor of the last activation module, where dead units show"
-    from deepstable_fastai.stats import act_types
     mods = dict(learn.model.named_modules())
     idx = [i for i,n in enumerate(learn.activation_monitor.names) if isinstance(mods.get(n), act_types)]
     return idx[-1] if idx else len(learn.activation_monitor.names)-1
@@ -107,6 +106,7 @@ def train_report(learn:Learner, # with an `ActivationMonitor` and an `ExplosionG
                  **info # more fields for the result: `description`, `depth`, `lr_reason` ...
                 ) -> dict:
     "Train `learn` with `fit_one_cycle`, save its plots into `out`, and return its result for `write_report`"
+    import fastai.callback.schedule # `fit_one_cycle`, imported on use (see `pick_lr`)
     out,mon,g = Path(out),learn.activation_monitor,learn.explosion_guard
     figs = list(figures or [])
     if save: out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Per-module activation statistics of a batch, computed on the device in a few fused calls, shared by every callback of a `Learner`.
+"""Per-module activation statistics of a batch, computed on the device in a few fused calls, shared by all callbacks.
 
 Docs: https://deepstable.github.io/deepstable-fastai/stats.html.md"""
 
@@ -77,7 +77,7 @@ ROW = 1024 # elements per row of the staging buffer
 _INF = float('inf')
 
 def _row_sums(x, near_zero:float, ln=None):
-    "Per-row `[n, mean, M2, absmax, n_near_zero, n_zero, n_nan, n_inf]` (float64) of `x` `(m, ROW)`, first `ln` of each row"
+    "Per-row `[n, mean, M2, absmax, n_near_zero, n_zero, n_nan, n_inf]` (float64) of `x` `(m, ROW)`, first `ln` per row"
     x = x.float()
     c = x[:,0]; c = torch.where(c.abs()<_INF, c, 0.)
     if ln is None: ln,xv,pad = torch.full_like(c, x.shape[1]),x,torch.zeros_like(c)
@@ -88,7 +88,8 @@ def _row_sums(x, near_zero:float, ln=None):
     s,q = d.sum(1).double(),(d*d).sum(1).double()
     n = ln.double(); nc = n.clamp_min(1)
     cnt = torch.stack([(a<=near_zero).float().sum(1) - pad*(c.abs()<=near_zero).float(),
-                       (xv==0).float().sum(1) - pad*(c==0).float(), (xv!=xv).float().sum(1), (a==_INF).float().sum(1)], 1)
+                       (xv==0).float().sum(1) - pad*(c==0).float(),
+                       (xv!=xv).float().sum(1), (a==_INF).float().sum(1)], 1)
     am = torch.where(xv==xv, a, 0.).amax(1)
     return torch.cat([torch.stack([n, c.double()+s/nc, (q-s*s/nc).clamp_min(0), am.double()], 1), cnt.double()], 1)
 
@@ -120,6 +121,18 @@ def _add_hist(rh, x, g, w, lo:float, hi:float):
     nb = rh.shape[1]-3
     return rh.view(-1).index_add(0, (g*(nb+3) + _bins(x, lo, hi, nb)).view(-1), w.view(-1)).view(rh.shape)
 
+# %% ../nbs/01_stats.ipynb #1eb6865d
+def _finish(raw, n:int):
+    "The `(n, len(STATS)+1)` table from raw rows: `STATS`, then `in_bad` from the input rows"
+    r,ri = raw[:n],raw[n:]
+    cnt = r[:,0]; c1 = cnt.clamp_min(1)
+    nan = torch.full_like(cnt, float('nan'))
+    none,hasnan = cnt==0,r[:,6]>0
+    s = torch.stack([torch.where(none, nan, r[:,1]), torch.where(none|hasnan, nan, (r[:,2]/c1).sqrt()),
+                     torch.where(none|hasnan, nan, r[:,3]), r[:,4]/c1, r[:,5]/c1, r[:,6], r[:,7],
+                     ((ri[:,6]+ri[:,7])>0).to(r.dtype)], 1)
+    return s.float()
+
 # %% ../nbs/01_stats.ipynb #525513ea
 def _staged(x, ln, seg, raw, near_zero:float, n:int, rh=None, lo:float=0., hi:float=1.):
     with torch.autocast(x.device.type, enabled=False):
@@ -140,18 +153,6 @@ def _direct(t, i, raw, near_zero:float, rh=None, lo:float=0., hi:float=1.):
         if rh is None: return raw,None
         return raw,_add_hist(rh, x, i.expand(n), torch.ones_like(x, dtype=torch.long), lo, hi)
 
-# %% ../nbs/01_stats.ipynb #1eb6865d
-def _finish(raw, n:int):
-    "The `(n, len(STATS)+1)` table from raw rows: `STATS`, then `in_bad` from the input rows"
-    r,ri = raw[:n],raw[n:]
-    cnt = r[:,0]; c1 = cnt.clamp_min(1)
-    nan = torch.full_like(cnt, float('nan'))
-    none,hasnan = cnt==0,r[:,6]>0
-    s = torch.stack([torch.where(none, nan, r[:,1]), torch.where(none|hasnan, nan, (r[:,2]/c1).sqrt()),
-                     torch.where(none|hasnan, nan, r[:,3]), r[:,4]/c1, r[:,5]/c1, r[:,6], r[:,7],
-                     ((ri[:,6]+ri[:,7])>0).to(r.dtype)], 1)
-    return s.float()
-
 # %% ../nbs/01_stats.ipynb #7040d673
 class compiled:
     "`torch.compile(f, dynamic=True)`, built on first call, counting calls, falling back to `f` if compiling fails"
@@ -168,7 +169,8 @@ class compiled:
             try: return self.cf(*args)
             except Exception as e:
                 self.error = repr(e)
-                warnings.warn(f"deepstable_fastai: torch.compile failed for {self.f.__name__}, using eager PyTorch: {e!r}")
+                warnings.warn(f"deepstable_fastai: torch.compile failed for {self.f.__name__}, "
+                              f"using eager PyTorch: {e!r}")
         return self.f(*args)
 
 _kernels = dict(staged=compiled(_staged), direct=compiled(_direct), finish=compiled(_finish))
@@ -222,7 +224,8 @@ def find_modules(model:nn.Module, # The model to look into
     named = dict(model.named_modules())
     if modules is None:
         res = [(n,m) for n,m in named.items() if (_is_leaf(m) and _has_params(m)) or isinstance(m, act_types)]
-        if not res: raise ValueError("`modules`: the model has no leaf module with parameters and no activation to hook")
+        if not res:
+            raise ValueError("`modules`: the model has no leaf module with parameters and no activation to hook")
         return res
     names,res = {id(m):n for n,m in named.items()},[]
     for o in listify(modules):
@@ -235,6 +238,25 @@ def find_modules(model:nn.Module, # The model to look into
         else: raise ValueError(f"`modules` must hold modules or qualified names, got {type(o).__name__}")
     if not res: raise ValueError("`modules` is empty: pass None for the default selection")
     return res
+
+# %% ../nbs/01_stats.ipynb #79cbb56a
+def _gone(*args): return None # what a pickled engine loads as
+
+class _DeadHook:
+    "What a pickled hook loads as: it removes itself (and its kind) from the module the first time the module runs"
+    def __call__(self, m, inp, out):
+        for k,h in list(m._forward_hooks.items()):
+            if isinstance(h, _DeadHook): del m._forward_hooks[k]
+
+def _inert(): return _DeadHook()
+
+class _Hook:
+    "Forward hook `i` of `engine` (-1: the end of the model's forward pass)"
+    def __init__(self, engine, i): self.e,self.i = engine,i
+    def __call__(self, m, inp, out):
+        e = self.e
+        if e.active: e._end() if self.i<0 else e._hook(self.i, inp, out)
+    def __reduce__(self): return (_inert, ())
 
 # %% ../nbs/01_stats.ipynb #8d2d25e3
 class StatsEngine:
@@ -258,32 +280,14 @@ class StatsEngine:
         self._slots,self._meta,self._ids = {},{},None
         self._params(); self._reset()
 
-    def _reset(self): self.order,self._stats,self._gn,self.do_hist,self._fresh,self._pos,self._lay = [],None,None,False,True,0,[]
+    def _reset(self):
+        self.order,self._stats,self._gn,self.do_hist,self._fresh,self._pos,self._lay = [],None,None,False,True,0,[]
     def remove(self):
         "Remove every hook"
         for h in self.handles: h.remove()
         self.handles = []
     def __len__(self): return len(self.names)
     def __reduce__(self): return (_gone, ()) # an engine left on a pickled learner loads as nothing
-
-# %% ../nbs/01_stats.ipynb #79cbb56a
-def _gone(*args): return None # what a pickled engine loads as
-
-class _DeadHook:
-    "What a pickled hook loads as: it removes itself (and its kind) from the module the first time the module runs"
-    def __call__(self, m, inp, out):
-        for k,h in list(m._forward_hooks.items()):
-            if isinstance(h, _DeadHook): del m._forward_hooks[k]
-
-def _inert(): return _DeadHook()
-
-class _Hook:
-    "Forward hook `i` of `engine` (-1: the end of the model's forward pass)"
-    def __init__(self, engine, i): self.e,self.i = engine,i
-    def __call__(self, m, inp, out):
-        e = self.e
-        if e.active: e._end() if self.i<0 else e._hook(self.i, inp, out)
-    def __reduce__(self): return (_inert, ())
 
 # %% ../nbs/01_stats.ipynb #ec500245
 @patch
@@ -293,6 +297,20 @@ def _params(self:StatsEngine):
         for p in m.parameters(): pairs.append((i, ps.setdefault(id(p), (len(ps), p))[0]))
     self.params,self._true = [p for _,p in ps.values()],None
     self._pairs = torch.tensor(pairs, dtype=torch.long).reshape(-1,2).t() if pairs else None
+
+# %% ../nbs/01_stats.ipynb #4bec7dde
+@patch
+def begin(self:StatsEngine, key, want:bool=True, hist:bool=False):
+    "Start batch `key` (see `batch_key`); record it if any caller `want`s it, with histograms if one asks for `hist`"
+    if key!=self.key: self.key,self.active = key,False; self._reset()
+    self.active = self.active or want
+    self.do_hist = self.do_hist or (want and hist)
+
+@patch
+def end(self:StatsEngine):
+    "Stop recording until the next `begin`"
+    if self._lay: self._flush()
+    self.active = False
 
 # %% ../nbs/01_stats.ipynb #3941b360
 def batch_key(learn):
@@ -318,33 +336,18 @@ def fit_running(learn):
 def _zero(self:StatsEngine, dev):
     if self.raw is None or self.raw.device!=dev:
         dt = torch.float64 if dev.type in ('cpu','cuda') else torch.float32
-        self.raw,self.rhist,self.stage,self._slots,self._meta = torch.zeros(2*len(self), 8, dtype=dt, device=dev),None,None,{},{}
+        self.raw = torch.zeros(2*len(self), 8, dtype=dt, device=dev)
+        self.rhist,self.stage,self._slots,self._meta = None,None,{},{}
         self._ids = torch.arange(2*len(self), device=dev).unbind() # 0-d device tensors: indexing a list is no op
     self.raw.zero_()
     nb = self.hist_range[2]+3
     if self.do_hist and (self.rhist is None or self.rhist.shape[1]!=nb or self.rhist.device!=dev):
         self.rhist = torch.zeros(len(self), nb, dtype=torch.long, device=dev)
     elif self.rhist is not None: self.rhist.zero_()
-    cpp = dev.type=='cpu' and self.raw.dtype==torch.float64 and self.path in (None,'cpp') and kernel_path(wait=True)=='cpp'
+    cpp = (dev.type=='cpu' and self.raw.dtype==torch.float64 and self.path in (None,'cpp')
+           and kernel_path(wait=True)=='cpp')
     self._mode = 'cpp' if cpp and self.path in (None,'cpp') else 'direct' if self.path=='direct' else 'staged'
     self._fresh = False
-
-# %% ../nbs/01_stats.ipynb #54c104d2
-@patch
-def _hook(self:StatsEngine, i, inp, out):
-    ts = _tensors(out)
-    if not ts: return
-    g = torch.is_grad_enabled(); torch._C._set_grad_enabled(False) # a copy must not join the autograd graph
-    try:
-        with _plain(): # fastai's tensor subclasses (`TensorImage`...) cost ~6 us of Python per op
-            if self._fresh: self._zero(ts[0].device)
-            self._stats = None
-            for t in ts: self._acc(i, t)
-            if self.check_inputs or not self.order:
-                xs = _tensors(inp)
-                if xs: self._acc(len(self)+i, xs[0])
-    finally: torch._C._set_grad_enabled(g)
-    self.order.append(i)
 
 # %% ../nbs/01_stats.ipynb #bdce28f6
 @patch
@@ -406,19 +409,22 @@ def _end(self:StatsEngine):
     "The model's forward pass ended"
     if self._lay: self._flush()
 
-# %% ../nbs/01_stats.ipynb #4bec7dde
+# %% ../nbs/01_stats.ipynb #54c104d2
 @patch
-def begin(self:StatsEngine, key, want:bool=True, hist:bool=False):
-    "Start batch `key` (see `batch_key`); record it if any caller `want`s it, with histograms if one asks for `hist`"
-    if key!=self.key: self.key,self.active = key,False; self._reset()
-    self.active = self.active or want
-    self.do_hist = self.do_hist or (want and hist)
-
-@patch
-def end(self:StatsEngine):
-    "Stop recording until the next `begin`"
-    if self._lay: self._flush()
-    self.active = False
+def _hook(self:StatsEngine, i, inp, out):
+    ts = _tensors(out)
+    if not ts: return
+    g = torch.is_grad_enabled(); torch._C._set_grad_enabled(False) # a copy must not join the autograd graph
+    try:
+        with _plain(): # fastai's tensor subclasses (`TensorImage`...) cost ~6 us of Python per op
+            if self._fresh: self._zero(ts[0].device)
+            self._stats = None
+            for t in ts: self._acc(i, t)
+            if self.check_inputs or not self.order:
+                xs = _tensors(inp)
+                if xs: self._acc(len(self)+i, xs[0])
+    finally: torch._C._set_grad_enabled(g)
+    self.order.append(i)
 
 # %% ../nbs/01_stats.ipynb #812ee91f
 @patch
@@ -426,7 +432,8 @@ def stats(self:StatsEngine):
     "`(n_modules, len(STATS)+1)` tensor of this batch's `STATS` plus `in_bad`, or `None` if nothing was recorded"
     if self._lay: self._flush()
     if self._stats is not None or not self.order: return self._stats
-    self._stats = (_finish if self._mode=='cpp' else _kernels['finish'])(self.raw, len(self)) # the CPU path never compiles
+    fin = _finish if self._mode=='cpp' else _kernels['finish'] # the CPU path never compiles
+    self._stats = fin(self.raw, len(self))
     return self._stats
 
 @patch
@@ -476,7 +483,7 @@ def release(self:StatsEngine, learn, user):
 # %% ../nbs/01_stats.ipynb #b3098d93
 @patch
 def module_norms(self:StatsEngine, ts, has=None):
-    "Per-module L2 norms from `ts`: one tensor (or `None`) per parameter in `params`, or a tensor of their norms with mask `has`"
+    "Per-module L2 norms of `ts`: a tensor (or `None`) per parameter in `params`, or their norms, with mask `has`"
     dev = self.params[0].device if self.params else torch.device('cpu')
     res = torch.full((len(self),), float('nan'), device=dev)
     if self._pairs is None: return res
@@ -485,7 +492,8 @@ def module_norms(self:StatsEngine, ts, has=None):
         if not have: return res
         if len(have)==len(ts): norms,has = torch.stack(torch._foreach_norm(ts)).float(),self._all_true(dev)
         else:
-            norms,has = torch.zeros(len(self.params), device=dev),torch.zeros(len(self.params), dtype=torch.bool, device=dev)
+            norms = torch.zeros(len(self.params), device=dev)
+            has = torch.zeros(len(self.params), dtype=torch.bool, device=dev)
             norms[have] = torch.stack(torch._foreach_norm([ts[j] for j in have])).float().to(dev); has[have] = True
     else: norms,has = ts.to(dev).float(),(torch.ones_like(ts, dtype=torch.bool) if has is None else has).to(dev)
     if self._pairs.device!=dev: self._pairs = self._pairs.to(dev)

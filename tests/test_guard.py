@@ -183,6 +183,9 @@ def test_entry_points(how):
     assert evs and evs[0]['kind']=='nonfinite_act' and evs[0]['layer']=='input', evs
     assert evs[0]['train_iter']==(5 if how!='accumulate' else 5), evs  # accumulation: decided at the batch that steps
     assert hooks(learn)==0 and _finite(learn)
+    if how in ('per_call','fine_tune','mixup','second_guard'): # blamed: position 0 (under MixUp also its mix partner)
+        pos = evs[0]['positions']
+        assert 0 in pos and len(pos)<=(2 if how=='mixup' else 1) and len(evs[0]['samples'])==len(pos), evs[0]
     if how=='fine_tune': assert len(g.events)==1  # the frozen fit had its own event list; the last fit's is kept
 
 # ---- the host-sync budget -----------------------------------------------------------------------------------
@@ -219,3 +222,33 @@ def test_lr100_stopped(action):
     "A run at lr 100 is stopped by the guard with finite weights, whatever the action"
     r = run('lr100', f'guard {action}', epochs=10, at=-1)  # 'skip': 10 skips, an escalated rollback, ..., a stop
     assert r['stop']=='guard' and not r['finished'] and r['finite'], r
+
+# ---- blaming the samples (bench/guard_faults.py `drop_bad_samples` rows) --------------------------------------
+@pytest.mark.parametrize('action', ['skip','rollback'])
+def test_poisoned_sample_dropped(action):
+    "A NaN training sample that comes back every epoch: one event, blamed, left out after; within 1 point of clean"
+    clean = run('clean', 'no guard', epochs=10, at=-1)
+    r = run('poison_sample', f'guard {action}, drop_bad_samples', epochs=10)
+    assert r['finished'] and r['finite'] and r['n_events']==1 and r['bad_samples']==[7], r
+    assert r['acc'] >= clean['acc']-1.0, (r['acc'], clean['acc'])
+
+def test_poisoned_sample_without_drop_recurs():
+    "Without `drop_bad_samples` the same sample is blamed again in every epoch"
+    r = run('poison_sample', 'guard skip', epochs=3)
+    assert r['n_events']==3 and r['bad_samples']==[7], r
+
+def test_drop_leaves_user_loader():
+    "The wrapped `get_idxs` lives on the training loader during the fit only, and `dl.new()` does not copy it"
+    class Look(Callback):
+        def before_fit(self): self.seen = []
+        def after_epoch(self):
+            dl = self.learn.dls.train
+            self.seen.append(('get_idxs' in dl.__dict__, 'get_idxs' in dl.new().__dict__, len(list(dl.get_idxs()))))
+    dls = make_dls(poison=7)
+    n = len(dls.train.get_idxs())
+    g = ExplosionGuard('skip', drop_bad_samples=True, verbose=False)
+    learn = Learner(dls, _mlp(), loss_func=CrossEntropyLossFlat(), cbs=[g, Look()])
+    with learn.no_bar(), learn.no_logging(): learn.fit(2, 1e-3)
+    assert learn.look.seen==[(True, False, n-1)]*2, learn.look.seen
+    assert 'get_idxs' not in dls.train.__dict__ and len(dls.train.get_idxs())==n
+    assert learn.explosion_guard.bad_samples==[7] and len(learn.explosion_guard.events)==1

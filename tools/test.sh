@@ -13,7 +13,8 @@ echo "== 2/4 nbdev-clean leaves the notebooks unchanged"
 before=$(snap nbs '*.ipynb'); nbdev-clean; after=$(snap nbs '*.ipynb')
 if [ "$before" != "$after" ]; then echo "FAIL: nbdev-clean changed:"; drift "$before" "$after"; exit 1; fi
 
-echo "== 3/4 nbdev-test (2 workers)"
+echo "== 3/4 the Spanish tutorial runs the English one's code; nbdev-test (2 workers)"
+python tools/sync_tutorials.py --check
 # one BLAS thread per worker: two workers on two cores, no oversubscription
 OMP_NUM_THREADS=1 nbdev-test --n-workers 2 --timing
 
