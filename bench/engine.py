@@ -21,7 +21,8 @@ import torch._dynamo.utils as du
 from deepstable_fastai.data import digits_dls, digits_image_dls
 from deepstable_fastai.monitor import ActivationMonitor
 from deepstable_fastai.guard import ExplosionGuard
-from deepstable_fastai.stats import OpCounter, kernel_path, tensor_stats, _kernels
+from deepstable_fastai.stats import kernel_path, tensor_stats, _kernels
+from deepstable_fastai.engine import OpCounter
 import fastai.callback.progress # `Learner.no_bar`, `no_logging`
 
 def med(f, n=21):
@@ -66,7 +67,7 @@ CONFIGS = {'none': lambda: [], 'monitor': lambda: [ActivationMonitor()],
            'fastai ActivationStats': lambda: [ActivationStats()]}
 
 def n_outputs(learn):
-    from deepstable_fastai.stats import find_modules
+    from deepstable_fastai.engine import find_modules
     return len(find_modules(learn.model))
 
 def budgets_table(models, nb):

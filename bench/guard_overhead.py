@@ -6,7 +6,7 @@ from fastai.basics import *
 from fastai.callback.all import *
 from fastai.vision.models.xresnet import xresnet18
 from deepstable_fastai.guard import ExplosionGuard
-from deepstable_fastai.stats import StatsEngine
+from deepstable_fastai.engine import StatsEngine
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from guard_faults import resnet_digits, make_dls
 

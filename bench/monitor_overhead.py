@@ -5,7 +5,8 @@ from fastai.vision.all import *
 from fastai.callback.hook import ActivationStats
 from deepstable_fastai.data import digits_dls, digits_image_dls
 from deepstable_fastai.monitor import ActivationMonitor
-from deepstable_fastai.stats import kernel_path, _Hook
+from deepstable_fastai.stats import kernel_path
+from deepstable_fastai.engine import _Hook
 warnings.filterwarnings('ignore')
 
 class Limit(Callback):
@@ -44,7 +45,7 @@ class SelfTime:
 
 def self_targets(k):
     from fastai.callback.hook import Hook
-    from deepstable_fastai.stats import StatsEngine
+    from deepstable_fastai.engine import StatsEngine
     if k.startswith('fastai'): return [(Hook,'hook_fn'), (ActivationStats,'after_batch')]
     if k.startswith('ActivationMonitor'):
         return [(_Hook,'__call__')]+[(ActivationMonitor,o) for o in ('before_batch','before_step','after_step','after_batch')]

@@ -1,6 +1,7 @@
 # Hand-written (like fastai's own `all.py`): the public API in one import.
 from .data import *
 from .stats import *
+from .engine import *
 from .trackers import *
 from .monitor import *
 from .guard import *

@@ -18,7 +18,8 @@ def main(out, names):
     from fastai.basics import Learner, Callback, CrossEntropyLossFlat, set_seed, SGD, Adam, ifnone
     from fastai.callback.progress import ProgressCallback
     from deepstable_fastai.data import digits_dls
-    from deepstable_fastai.stats import tensor_stats, finish_stats, find_modules, tensor_hist
+    from deepstable_fastai.stats import tensor_stats, finish_stats, tensor_hist
+    from deepstable_fastai.engine import find_modules
     from deepstable_fastai.guard import ExplosionGuard
     from deepstable_fastai.distrib import BatchShardTrainer, all_reduce_stats, rank, world, data_parallel
     from deepstable_fastai.monitor import ActivationMonitor
@@ -136,7 +137,7 @@ def main(out, names):
     res = dict(rank=rank(), world=world())
     for n in names: res[n] = run(n, **scen[n])
     # the cost of the guard's one collective: an all-reduce of a (world, 6, 6) tensor
-    from deepstable_fastai.distrib import sync_verdict
+    from deepstable_fastai.guard import sync_verdict
     v = torch.zeros(6, 6); dist.barrier(); t0 = time.perf_counter()
     for _ in range(200): sync_verdict(v)
     res['sync_ms'] = (time.perf_counter()-t0)/200*1e3

@@ -11,7 +11,7 @@ from fastai.torch_core import set_seed
 from fastai.callback.hook import ActivationStats
 from fastai.vision.models.xresnet import xresnet18
 from deepstable_fastai.data import digits_dls
-from deepstable_fastai.stats import OpCounter, find_modules
+from deepstable_fastai.engine import OpCounter, find_modules
 from deepstable_fastai.monitor import ActivationMonitor
 from deepstable_fastai.guard import ExplosionGuard
 import fastai.callback.progress # `Learner.no_bar`, `no_logging`

@@ -137,7 +137,7 @@ def test_export_after_exception(exc, tmp_path):
         learn.export(tmp_path/'l.pkl')
         l2 = load_learner(tmp_path/'l.pkl')
         assert l2.explosion_guard._engine is None and l2.explosion_guard.events==[]
-        from deepstable_fastai.stats import _DeadHook # hooks pickled with the model load inert, go at the first forward
+        from deepstable_fastai.engine import _DeadHook # hooks pickled with the model load inert, go at the first forward
         assert all(isinstance(h, _DeadHook) for m in l2.model.modules() for h in m._forward_hooks.values())
         l2.fit(1, 1e-2)
     assert hooks(l2)==0 and hooks(learn)>0
@@ -190,7 +190,7 @@ def test_entry_points(how):
 
 # ---- the host-sync budget -----------------------------------------------------------------------------------
 def _syncs(cbs, n_epoch=1, validate=False):
-    from deepstable_fastai.stats import OpCounter
+    from deepstable_fastai.engine import OpCounter
     learn = Learner(digits_dls(flat=True, bs=64), _mlp(), loss_func=CrossEntropyLossFlat(), cbs=cbs)
     with learn.no_bar(), learn.no_logging():
         learn.fit(1, 1e-3)  # warm up (first-call compiles, allocations)
