@@ -78,7 +78,8 @@ def _check_args(g):
 # %% ../nbs/06_guard.ipynb #4c04e810
 class ExplosionGuard(Callback):
     "Check each training batch before its step; on trouble `action` is 'warn', 'skip', 'rollback' or 'stop'"
-    order,run_valid = 10.5,False # after fastai's MixedPrecision (10), whose import would add ProgressCallback everywhere
+    # after fastai's MixedPrecision (order 10), written as a number: importing it adds ProgressCallback everywhere
+    order,run_valid = 10.5,False
     __reduce_ex__ = pkg_reduce_ex # loading an export without this package says so
     _stateattrs = ('_engine','_fit','_snaps','_base','_pend') # a fit's state: not pickled by `export`
     def __init__(self, action:str='skip', # What to do on an explosion: 'warn', 'skip', 'rollback' or 'stop'
@@ -127,7 +128,8 @@ def _copy_into(dst, src):
         if isinstance(dst, torch.Tensor) and dst.shape==src.shape and dst.dtype==src.dtype and dst.device==src.device:
             return dst.copy_(src)
         return src.detach().clone()
-    if isinstance(src, dict): return {k:_copy_into(dst.get(k) if isinstance(dst,dict) else None, v) for k,v in src.items()}
+    if isinstance(src, dict):
+        return {k:_copy_into(dst.get(k) if isinstance(dst,dict) else None, v) for k,v in src.items()}
     if isinstance(src, (list,tuple)):
         ds = dst if isinstance(dst,(list,tuple)) and len(dst)==len(src) else [None]*len(src)
         return type(src)(_copy_into(d,s) for d,s in zip(ds,src))
@@ -751,9 +753,11 @@ def _record(self:ExplosionGuard, kind, layer, value, threshold, action, ranks=No
     thr = '' if threshold is None else f' (threshold {threshold:.3g})'
     on = ''
     if is_dist():
-        ev['ranks'] = ifnone(ranks, list(range(world()))) # checks of replicated state (weights, synced grads) see it on all ranks
+        # checks of replicated state (weights, synced grads) see it on all ranks
+        ev['ranks'] = ifnone(ranks, list(range(world())))
         on = f" on rank{'s' if len(ev['ranks'])>1 else ''} {', '.join(map(str, ev['ranks']))}"
-    ev['message'] = (f"ExplosionGuard: {kind} at epoch {ev['epoch']} iter {ev['iter']} in {layer!r}{on} ({ev['pass']} pass), "
+    ev['message'] = (f"ExplosionGuard: {kind} at epoch {ev['epoch']} iter {ev['iter']} in {layer!r}{on} "
+                     f"({ev['pass']} pass), "
                      f"value {value:.3g}{thr}{_blame_msg(blame)}: {action}{', back to '+to if to else ''}")
     self.events.append(ev); self._flights.append(self._flight_now())
     log_event(self.learn, ev) # TensorBoard / W&B, when attached
@@ -827,7 +831,8 @@ def plot_events(self:ExplosionGuard, ax=None):
     cs = dict(zip(KINDS+('amp_overflow','nonfinite_weights'), plt.rcParams['axes.prop_cycle'].by_key()['color']))
     for k in dict.fromkeys(e['kind'] for e in self.events):
         for i,e in enumerate(e for e in self.events if e['kind']==k):
-            ax.axvline(e['train_iter'], color=cs.get(k,'r'), ls='--', lw=1, label=f"{k} ({e['action']})" if i==0 else None)
+            lbl = f"{k} ({e['action']})" if i==0 else None
+            ax.axvline(e['train_iter'], color=cs.get(k,'r'), ls='--', lw=1, label=lbl)
     ax.set_xlabel('training batch'); ax.set_ylabel('loss'); ax.set_yscale('log')
     if ax.get_legend_handles_labels()[0]: ax.legend(fontsize=8)
     return ax.figure

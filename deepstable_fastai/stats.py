@@ -1,4 +1,4 @@
-"""The statistics of one tensor, and of many tensors at once in one compiled call or one C++ op: the maths behind `ActivationMonitor` and `ExplosionGuard`.
+"""The statistics of one tensor, and of many at once in one compiled call or one C++ op.
 
 Docs: https://deepstable.github.io/deepstable-fastai/stats.html.md"""
 
