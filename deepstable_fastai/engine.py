@@ -337,13 +337,13 @@ class OpCounter(TorchDispatchMode):
         if k=='aten._local_scalar_dense': self.syncs += 1
         return func(*args, **(kwargs or {}))
     def __enter__(self):
-        self._c0 = sum(k.calls for k in _kernels.values()); compiled.counting += 1
+        self._c0 = compiled.total; compiled.counting += 1
         for n in _SYNCS: self._orig[n] = getattr(torch.Tensor, n); setattr(torch.Tensor, n, self._wrap(n))
         return super().__enter__()
     def __exit__(self, *a):
         for n,f in self._orig.items(): setattr(torch.Tensor, n, f)
         compiled.counting -= 1
-        self.calls = sum(k.calls for k in _kernels.values()) - self._c0
+        self.calls = compiled.total - self._c0
         return super().__exit__(*a)
     def _wrap(self, n):
         f = self._orig[n]

@@ -14,7 +14,7 @@ from fastcore.basics import patch, store_attr, ifnone, listify, first
 from copy import deepcopy
 from types import MethodType
 from fastai.callback.core import Callback, CancelStepException, CancelFitException, CancelBatchException
-from .stats import STATS, act_types, compiled, kernel_path, _kernels
+from .stats import STATS, act_types, compiled, kernel_path
 from .engine import training_fit, fit_running, StatsEngine, batch_key
 from .distrib import gather_rows, strip_ddp, ddp_modules, is_dist, world
 from .trackers import log_event, pkg_reduce_ex
@@ -402,7 +402,6 @@ def _verdict(self:ExplosionGuard):
 # %% ../nbs/06_guard.ipynb #6090d531
 _GK = dict(fwd=compiled(_fwd_math), loss=compiled(_loss_math), bwd=compiled(_bwd_math), grad=compiled(_grad_base),
            lossb=compiled(_loss_base), act=compiled(_act_base))
-_kernels.update({f'guard_{n}':c for n,c in _GK.items()}) # `OpCounter` counts each call of them as one compiled call
 
 # %% ../nbs/06_guard.ipynb #730cb2a5
 def merge_verdict(g # `(world, kinds, cols)` tensor or nested list: every rank's rows

@@ -152,9 +152,10 @@ def _direct(t, i, raw, near_zero:float, rh=None, lo:float=0., hi:float=1.):
 class compiled:
     "`torch.compile(f, dynamic=True)`, built on first call, counting calls, falling back to `f` if compiling fails"
     counting = 0 # set by `OpCounter`: a call is then one counted kernel call, run outside the counter's mode
+    total = 0 # calls of every compiled function, for `OpCounter`
     def __init__(self, f): self.f,self.cf,self.calls,self.error = f,None,0,None
     def __call__(self, *args):
-        self.calls += 1
+        self.calls += 1; compiled.total += 1
         if compiled.counting:
             with _disable_current_modes(): return self._run(*args)
         return self._run(*args)
