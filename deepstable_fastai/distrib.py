@@ -6,13 +6,13 @@ Docs: https://deepstable.github.io/deepstable-fastai/distrib.html.md"""
 
 # %% ../nbs/03_distrib.ipynb #76c81e06
 from __future__ import annotations
-import os, functools, math, torch, torch.nn as nn, torch.distributed as dist
+import os, functools, torch, torch.nn as nn, torch.distributed as dist
 from contextlib import contextmanager
 from datetime import timedelta
 from fastcore.basics import listify, noop
 from fastai.callback.core import Callback
 from torch.nn.parallel import DistributedDataParallel
-from .stats import STATS
+from .stats import STATS, finish_stats, _to_sums, _from_sums
 
 # %% auto #0
 __all__ = ['rank', 'world', 'is_dist', 'is_rank0', 'rank0_only', 'rank_seed', 'gather_rows', 'strip_ddp', 'ddp_modules',
@@ -84,31 +84,19 @@ def ddp_modules(model:nn.Module, # The learner's model, maybe wrapped by DDP or 
 # %% ../nbs/03_distrib.ipynb #b71fe0b7
 _SM,_SS,_SA,_SNZ,_SZ,_SNAN,_SINF = map(STATS.index, ('mean','std','absmax','near_zero','zero','nan','inf'))
 
-def _sums(s, n=None):
-    "Per-rank sums that add across ranks, and the absmax that maxes, of `STATS` rows `s` over `n` elements"
+def _raw(s, n=None):
+    "Raw rows (`n` first, counts for fractions) of `STATS` rows `s` over `n` elements; a module that did not run has none"
     s = s.double(); n = torch.ones_like(s[...,0]) if n is None else torch.as_tensor(n).to(s).expand_as(s[...,0])
-    nan,inf = s[...,_SNAN],s[...,_SINF]
-    empty = s[...,_SM].isnan() & (nan==0) & (inf==0) # a module that did not run: no elements
-    n = torch.where(empty, 0., n)
-    m,sd,nz,z = (torch.where(empty, 0., s[...,i]) for i in (_SM,_SS,_SNZ,_SZ))
-    sums = torch.stack([n, n*m, n*(sd*sd+m*m), n*nz, n*z, nan, inf], -1)
-    a = s[...,_SA]
-    return sums, torch.where(a.isnan(), torch.where(empty, -math.inf, math.inf), a)
-
-def _finish(sums, amax):
-    "`STATS` rows from summed `sums` and maxed `amax`"
-    n = sums[...,0]; m = sums[...,1]/n
-    sd = (sums[...,2]/n-m*m).clamp_min(0).sqrt()
-    amax = torch.where((sums[...,5]>0) | (amax==-math.inf), math.nan, amax)
-    return torch.stack([m, sd, amax, sums[...,3]/n, sums[...,4]/n, sums[...,5], sums[...,6]], -1).float()
+    n = torch.where(s[...,_SM].isnan() & (s[...,_SNAN]==0) & (s[...,_SINF]==0), 0., n)[...,None]
+    return torch.cat([n, s[...,:_SNZ], s[...,_SNZ:_SNAN]*n, s[...,_SNAN:]], -1)
 
 # %% ../nbs/03_distrib.ipynb #561334fe
 def combine_stats(s:torch.Tensor, # `(ranks, ..., len(STATS))`: each rank's statistics
                   n=None # Elements behind each statistic, shaped like `s[..., 0]`; `None` if equal on all ranks
                  ) -> torch.Tensor: # `(..., len(STATS))`: statistics of all ranks' elements together
     "Exact `STATS` of the union of each rank's elements, from per-rank `STATS` rows `s`"
-    sums,amax = _sums(s, n)
-    return _finish(sums.sum(0), amax.amax(0))
+    t,a = _to_sums(_raw(s, n))
+    return finish_stats(_from_sums(t.sum(0), a.amax(0))).float()
 
 # %% ../nbs/03_distrib.ipynb #8577cf20
 def all_reduce_stats(s:torch.Tensor, # This rank's statistics, `(..., len(STATS))`
@@ -117,9 +105,9 @@ def all_reduce_stats(s:torch.Tensor, # This rank's statistics, `(..., len(STATS)
     "`combine_stats` across the ranks of the process group (a collective: every rank must call it)"
     if not is_dist(): return s
     dev = s.device
-    sums,amax = map(_comm, _sums(s, n))
-    dist.all_reduce(sums); dist.all_reduce(amax, op=dist.ReduceOp.MAX)
-    return _finish(sums, amax).to(dev)
+    t,a = map(_comm, _to_sums(_raw(s, n)))
+    dist.all_reduce(t); dist.all_reduce(a, op=dist.ReduceOp.MAX)
+    return finish_stats(_from_sums(t, a)).float().to(dev)
 
 # %% ../nbs/03_distrib.ipynb #f8aff3be
 def all_reduce_sum(t:torch.Tensor) -> torch.Tensor:

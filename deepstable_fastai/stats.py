@@ -32,15 +32,25 @@ def tensor_stats(x:torch.Tensor, # Any tensor; integer and bool tensors are cast
                         x.isnan().sum(), a.isinf().sum()]).float()
 
 # %% ../nbs/01_stats.ipynb #c8cd7ef3
+def _to_sums(r):
+    "Raw rows `r` as float64 sums that add (`n`, sum, sum of squares, the counts) and the absmax that maxes"
+    r = r.double(); n = r[...,0]; e = n==0 # no elements: nothing to add, and no absmax
+    m,s,a = torch.where(e, 0., r[...,1]),torch.where(e, 0., r[...,2]),r[...,3]
+    inf = float('inf')
+    a = torch.where(e, -inf, torch.where(a.isnan(), inf, a)) # a NaN must survive a MAX all-reduce
+    return torch.cat([torch.stack([n, n*m, n*(s*s+m*m)], -1), r[...,4:8]], -1),a
+
+def _from_sums(t, a):
+    "Raw float64 rows from added `_to_sums` sums `t` and maxed absmax `a`"
+    n = t[...,0]; m = t[...,1]/n
+    sd = (t[...,2]/n-m*m).clamp_min(0).sqrt()
+    a = torch.where((t[...,5]>0) | (n==0), float('nan'), a)
+    return torch.cat([torch.stack([n, m, sd, a], -1), t[...,3:]], -1)
+
 def merge_stats(a, b):
     "Merge raw stat rows `a` and `b` (last dim 8) as if computed on both tensors together"
-    n = a[...,0]+b[...,0]
-    wa,wb = (a[...,0]/n).double(),(b[...,0]/n).double()
-    ma,mb,sa,sb = a[...,1].double(),b[...,1].double(),a[...,2].double(),b[...,2].double()
-    m = wa*ma+wb*mb
-    v = (wa*(sa*sa+ma*ma)+wb*(sb*sb+mb*mb)-m*m).clamp_min(0)
-    return torch.stack([n, m.float(), v.sqrt().float(), torch.maximum(a[...,3],b[...,3]),
-                        *(a[...,4:8]+b[...,4:8]).unbind(-1)], -1)
+    (ta,aa),(tb,ab) = _to_sums(a),_to_sums(b)
+    return _from_sums(ta+tb, torch.maximum(aa, ab)).float()
 
 def finish_stats(r):
     "`STATS` (mean, std, absmax, near-zero and zero fractions, nan and inf counts) from raw rows `r`"
