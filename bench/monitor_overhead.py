@@ -25,6 +25,7 @@ VARIANTS = {
     'ActivationMonitor() default': lambda: [ActivationMonitor()],
     'ActivationMonitor(with_hist=True)': lambda: [ActivationMonitor(with_hist=True)],
     'ActivationMonitor(grads=False) activations only': lambda: [ActivationMonitor(grads=False)],
+    'ActivationMonitor(update_every=32)': lambda: [ActivationMonitor(update_every=32)],
 }
 
 class SelfTime:
@@ -60,39 +61,44 @@ def make(model):
 
 def run(model, batches, repeats):
     learn = make(model)
-    lim = Limit(batches)
+    lim = [Limit(batches)] if batches else [] # 0: whole epochs, validation included, as a user's fit
     res = {k:[] for k in VARIANTS}
     with learn.no_bar(), learn.no_logging():
-        for k,f in VARIANTS.items(): learn.fit(1, 1e-3, cbs=[lim]+f())   # warm-up, not timed
+        for k,f in VARIANTS.items(): learn.fit(1, 1e-3, cbs=lim+f())   # warm-up, not timed
         for r in range(repeats):
             order = list(VARIANTS); random.Random(r).shuffle(order)
             for k in order:
-                cbs = [lim]+VARIANTS[k]()
+                cbs = lim+VARIANTS[k]()
                 with SelfTime(self_targets(k)) as st:
                     t,w = time.process_time(),time.perf_counter()
                     learn.fit(1, 1e-3, cbs=cbs)
                     res[k].append((time.process_time()-t, time.perf_counter()-w, st.t))
     return res
 
-def table(model, res, batches, repeats):
-    base_c = statistics.median(x[0] for x in res['no callback'])
-    base_w = statistics.median(x[1] for x in res['no callback'])
-    print(f"\n**{model}**, {batches} training batches of 64 per epoch, median of {repeats} interleaved repeats\n")
-    print("| variant | CPU s/epoch | x no callback (CPU) | wall s/epoch | x no callback (wall) | own CPU ms/batch | own CPU / no-callback CPU |")
-    print("|---|---|---|---|---|---|---|")
+def table(model, res, batches, repeats, nb):
+    "Medians; the CPU ratio is the median of each repeat's ratio to that repeat's no-callback fit (paired)"
+    base = res['no callback']
+    base_c = statistics.median(x[0] for x in base)
+    what = f"{batches} training batches" if batches else f"whole epochs ({nb} training batches and the validation)"
+    print(f"\n**{model}**, {what} of 64, median of {repeats} interleaved repeats\n")
+    print("| variant | CPU s/fit | x no callback (CPU, paired) | range | own CPU ms/training batch | own / no-callback CPU |")
+    print("|---|---|---|---|---|---|")
     for k,v in res.items():
-        c,w,o = (statistics.median(x[i] for x in v) for i in range(3))
-        own = f"{o/batches*1e3:.1f} | {o/base_c*100:.1f}%" if k!='no callback' else "- | -"
-        print(f"| {k} | {c:.2f} | {c/base_c:.3f}x | {w:.2f} | {w/base_w:.3f}x | {own} |")
+        c,o = (statistics.median(x[i] for x in v) for i in (0,2))
+        r = sorted(x[0]/b[0] for x,b in zip(v, base))
+        own = f"{o/nb*1e3:.1f} | {o/base_c*100:.1f}%" if k!='no callback' else "- | -"
+        print(f"| {k} | {c:.2f} | {statistics.median(r):.3f}x | {r[0]:.3f}-{r[-1]:.3f} | {own} |")
 
 if __name__=='__main__':
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument('--models', default='xresnet18,resnet18')
-    p.add_argument('--batches', type=int, default=8)
+    p.add_argument('--batches', type=int, default=0, help='training batches per fit; 0: whole epochs with validation')
     p.add_argument('--repeats', type=int, default=5)
     a = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', 1)))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY','(unset)')}, "
           f"statistics path: {kernel_path(wait=True)}")
     print(time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()))
-    for m in a.models.split(','): table(m, run(m, a.batches, a.repeats), a.batches, a.repeats)
+    for m in a.models.split(','):
+        nb = a.batches or len(make(m).dls.train)
+        table(m, run(m, a.batches, a.repeats), a.batches, a.repeats, nb)

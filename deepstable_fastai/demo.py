@@ -113,7 +113,20 @@ def run_variant(name:str, dls, out:Path, depth:int=20, epochs:int=2,
     return train_report(learn, out, name, epochs, p.lr, lines=lines, figures=figs, description=VARIANTS[name],
                         depth=depth, lr_reason=p.reason, signal_verdict=sig.verdict)
 
-# %% ../nbs/12_demo.ipynb #3e9dbe4d
+# %% ../nbs/12_demo.ipynb #e2103f46
+def _sweep_one(v:str, d:int, epochs:int, lr:float, nf:int=32, bs:int=64, seed:int=42) -> tuple:
+    "Validation accuracy and seconds of variant `v` at depth `d` after `epochs` of one-cycle on the in-memory digits"
+    import fastai.callback.schedule # `fit_one_cycle` and `no_bar`, imported on use: they add fastai's progress bar
+    set_seed(seed)
+    learn = variant_learner(v, digits_dls(size=8, bs=bs, seed=seed), d, nf)
+    t0 = time.time()
+    with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        learn.fit_one_cycle(epochs, lr)
+        acc = float(learn.validate()[1])
+    return acc, time.time()-t0
+
+# %% ../nbs/12_demo.ipynb #80acdbc5
 def depth_sweep(depths=(10,20,50,100), # layers of the plain stacks, blocks of the residual network
                 epochs:int=2, # one-cycle epochs at every depth
                 lrs:dict=None, # lr per variant; 1e-3 for a variant not in it
@@ -122,18 +135,10 @@ def depth_sweep(depths=(10,20,50,100), # layers of the plain stacks, blocks of t
                 verbose:bool=True # print one line per trained network
                ) -> list:
     "Validation accuracy of each variant at each depth after the same training budget"
-    import fastai.callback.schedule # `fit_one_cycle` and `no_bar`, imported on use: they add fastai's progress bar
     rows,lrs = [],ifnone(lrs, {})
     for d in depths:
         for v in variants:
-            set_seed(seed)
-            learn = variant_learner(v, digits_dls(size=8, bs=bs, seed=seed), d, nf)
-            t0 = time.time()
-            with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
-                warnings.simplefilter('ignore')
-                learn.fit_one_cycle(epochs, lrs.get(v, 1e-3))
-                acc = float(learn.validate()[1])
-            secs = time.time()-t0
+            acc,secs = _sweep_one(v, d, epochs, lrs.get(v, 1e-3), nf, bs, seed)
             rows.append(dict(variant=v, depth=d, accuracy=acc if math.isfinite(acc) else 0., lr=lrs.get(v, 1e-3),
                              epochs=epochs, secs=secs))
             if verbose: print(f"depth sweep: {v} at depth {d}: accuracy {acc:.1%} ({secs:.1f} s)", flush=True)
@@ -154,6 +159,15 @@ def plot_depth_sweep(rows:list, ax=None):
     ax.set_title(f"the same budget: {rows[0]['epochs']} epochs at every depth", fontsize=10)
     ax.legend(fontsize=8)
     return ax.figure
+
+# %% ../nbs/12_demo.ipynb #082f19e4
+def _sweep_panel(rows:list, out:Path, epochs:int) -> list:
+    "The report panel of depth sweep `rows` (none without rows), its plot saved into `out`"
+    if not rows: return []
+    text = (f"Validation accuracy after {epochs} epochs of one-cycle at each depth, each variant at the lr it "
+            "got above. The plain stacks count conv layers, the residual network counts blocks.")
+    return [dict(title='Depth sweep: why residual blocks matter', text=text,
+                 figure=save_fig(plot_depth_sweep(rows), out, 'depth_sweep.png'))]
 
 # %% ../nbs/12_demo.ipynb #0df5b606
 def _curve(r): return ', '.join(f"{h['accuracy']:.0%}" for h in r.get('history', []) if 'accuracy' in h) or 'n/a'
@@ -234,7 +248,36 @@ def demo_story(runs:list, # results with `verdict` and `headline`, as in a summa
     if 'resblock' in rs: out.append(_res_line(rs['resblock'], rows))
     return out
 
-# %% ../nbs/12_demo.ipynb #c2526419
+# %% ../nbs/12_demo.ipynb #8243b898
+def _demo_lrs(vs:list, # variant names
+              dls_args:tuple, # `demo_dls(*dls_args)`
+              depth:int, seed:int,
+              lr:float=None, # one lr for every variant instead of each one's `variant_lr`
+              num_it:int=100, # `lr_find` iterations per variant
+              lines:bool=False # print each variant's lr and why
+             ) -> dict:
+    "The `LRPick` of each variant in `vs`, by name"
+    picks = {}
+    for v in vs:
+        set_seed(seed)
+        picks[v] = (LRPick(lr, 'set by the caller', [], []) if lr is not None
+                    else variant_lr(v, demo_dls(*dls_args), depth, 32, num_it))
+        if lines: print(f"{v}: lr {picks[v].lr:.2g}: {picks[v].reason}", flush=True)
+    return picks
+
+# %% ../nbs/12_demo.ipynb #c463b812
+def _demo_runs(vs:list, picks:dict, # variant names and their `LRPick`s from `_demo_lrs`
+               dls_args:tuple, out:Path, depth:int, epochs:int, seed:int,
+               lines:bool=False # one line per epoch instead of progress bars
+              ) -> list:
+    "The `run_variant` result of each variant in `vs`"
+    res = []
+    for v in vs:
+        set_seed(seed)
+        res.append(run_variant(v, demo_dls(*dls_args), out, depth, epochs, picks[v], lines=lines))
+    return res
+
+# %% ../nbs/12_demo.ipynb #ea8ac06b
 def run_demo(out:Path='deepstable-report', depth:int=20, epochs:int=5, size:int=8, bs:int=64,
              lr:float=None, # one lr for every variant instead of each one's `variant_lr`
              seed:int=42, variants=None, data_path=None,
@@ -244,25 +287,14 @@ def run_demo(out:Path='deepstable-report', depth:int=20, epochs:int=5, size:int=
              lines:bool=False # one line per epoch instead of progress bars (logs, pipes, CI)
             ) -> dict:
     "Run every demo variant and the depth sweep on the digits, write the report into `out`; return the summary"
-    out,vs = Path(out),ifnone(variants, list(VARIANTS))
-    picks,res = {},[]
-    for v in vs:
-        set_seed(seed)
-        picks[v] = (LRPick(lr, 'set by the caller', [], []) if lr is not None
-                    else variant_lr(v, demo_dls(data_path, size, bs, seed), depth, 32, num_it))
-        if lines: print(f"{v}: lr {picks[v].lr:.2g}: {picks[v].reason}", flush=True)
-    for v in vs:
-        set_seed(seed)
-        res.append(run_variant(v, demo_dls(data_path, size, bs, seed), out, depth, epochs, picks[v], lines=lines))
+    out,vs,dls_args = Path(out),ifnone(variants, list(VARIANTS)),(data_path, size, bs, seed)
+    picks = _demo_lrs(vs, dls_args, depth, seed, lr, num_it, lines)
+    res = _demo_runs(vs, picks, dls_args, out, depth, epochs, seed, lines)
     swept = [v for v in ('kaiming','batchnorm','resblock') if v in vs]
     rows = depth_sweep(sweep_depths, sweep_epochs, {v:p.lr for v,p in picks.items()}, swept, bs=bs, seed=seed) \
            if sweep_depths else []
-    text = (f"Validation accuracy after {sweep_epochs} epochs of one-cycle at each depth, each variant at the lr it "
-            "got above. The plain stacks count conv layers, the residual network counts blocks.")
-    panels = [dict(title='Depth sweep: why residual blocks matter', text=text,
-                   figure=save_fig(plot_depth_sweep(rows), out, 'depth_sweep.png'))] if rows else []
     story = demo_story([{**r, 'verdict':run_verdict(r), 'headline':headline(r)} for r in res], rows)
     meta = dict(command='demo', depth=depth, epochs=epochs, size=size, bs=bs, lr=lr, seed=seed,
                 sweep_depths=list(sweep_depths), sweep_epochs=sweep_epochs, num_it=num_it, torch=torch.__version__,
                 depth_sweep=rows)
-    return write_report(out, res, meta, story, panels)
+    return write_report(out, res, meta, story, _sweep_panel(rows, out, sweep_epochs))

@@ -85,9 +85,10 @@ def ddp_modules(model:nn.Module, # The learner's model, maybe wrapped by DDP or 
 _SM,_SS,_SA,_SNZ,_SZ,_SNAN,_SINF = map(STATS.index, ('mean','std','absmax','near_zero','zero','nan','inf'))
 
 def _raw(s, n=None):
-    "Raw rows (`n` first, counts for fractions) of `STATS` rows `s` over `n` elements; a module that did not run has none"
-    s = s.double(); n = torch.ones_like(s[...,0]) if n is None else torch.as_tensor(n).to(s).expand_as(s[...,0])
-    n = torch.where(s[...,_SM].isnan() & (s[...,_SNAN]==0) & (s[...,_SINF]==0), 0., n)[...,None]
+    "Raw rows (`n` first, counts for fractions) of `STATS` rows `s` over `n` elements (if `None`, 1 unless it did not run)"
+    s = s.double()
+    if n is None: n = torch.where(s[...,_SM].isnan() & (s[...,_SNAN]==0) & (s[...,_SINF]==0), 0., 1.)
+    n = torch.as_tensor(n).to(s).expand_as(s[...,0])[...,None]
     return torch.cat([n, s[...,:_SNZ], s[...,_SNZ:_SNAN]*n, s[...,_SNAN:]], -1)
 
 # %% ../nbs/03_distrib.ipynb #561334fe

@@ -236,69 +236,6 @@ class _FitState:
         self.drop = None # (training loader, its own `get_idxs` attribute or None, dataset indices left out)
         self.flight,self.fiters = None,[] # the flight recorder: a device ring of per-module statistics, their batches
 
-# %% ../nbs/06_guard.ipynb #6cb63f99
-@patch
-def remove(self:ExplosionGuard):
-    "Drop the guard's hooks and the state of its fit (snapshots, baselines); `events` stay"
-    f,lrn = self._fit,self.learn
-    if f is not None and f.saved_lr is not None and getattr(lrn, 'opt', None) is not None:
-        lrn.opt.set_hypers(lr=f.saved_lr)
-    if f is not None and f.drop is not None: _undrop(*f.drop[:2])
-    if self._engine is not None: self._engine.release(lrn, self)
-    self._engine = self._fit = self._snaps = self._base = self._pend = None
-    self._nest = 0
-
-@patch
-def before_fit(self:ExplosionGuard):
-    "Drop a stale fit's state; switch off inside `lr_find` and `get_preds`; leave a running fit alone in a nested call"
-    if self._engine is not None and not fit_running(self.learn): self.remove()
-    if self._engine is not None: self._nest += 1; return
-    self.run = training_fit(self.learn)
-
-@patch
-def before_train(self:ExplosionGuard):
-    "On the first training epoch of a fit, hook the model and take the first snapshot"
-    if self._nest: self.remove() # a new fit after one that raised while a nested call was open
-    if self._engine is None: self._start()
-
-# %% ../nbs/06_guard.ipynb #6345d48c
-@patch
-def _start(self:ExplosionGuard):
-    lrn = self.learn
-    self._engine = StatsEngine.acquire(lrn, self, ddp_modules(lrn.model, self.modules))
-    self.events,self.lr_scale,self.stop_reason,self.skipped,self._flights,self.bad_samples = [],1.,None,[],[],[]
-    dev = next(lrn.model.parameters()).device
-    self._fit = _FitState(self, [(n,p) for n,p in lrn.model.named_parameters() if p.requires_grad])
-    self._base = _Baselines(len(self._engine), self.grad_window, self.grad_warmup, dev)
-    self._pend,self._snaps = _Pending(),_Snapshots(lrn)
-    # the decision maths: compiled on the device path, eager where the engine takes the CPU C++ path (no compile wait)
-    cpu_cpp = dev.type=='cpu' and self._engine.path in (None,'cpp') and kernel_path(wait=True)=='cpp'
-    self._fit.k = {n:(c.f if cpu_cpp else c) for n,c in _GK.items()}
-    self._modules_changed()
-
-# %% ../nbs/06_guard.ipynb #dadb65b2
-@patch
-def _modules_changed(self:ExplosionGuard):
-    "(Re)build the per-module state when the engine's module list changed"
-    e,f,dev = self._engine,self._fit,self._base.dev
-    f.nmods,f.cache,f.flight = len(e),{},None
-    if len(self._base.vcnt)!=len(e): self._base.resize(len(e))
-    self._act = torch.tensor([isinstance(m, act_types) for m in e.modules], device=dev)
-    pmod = {id(p):i for i,m in enumerate(e.modules) for p in m.parameters(recurse=False)}
-    f.pmod = [pmod.get(id(p), -1) for _,p in f.params]
-
-# %% ../nbs/06_guard.ipynb #022199eb
-@patch
-def after_fit(self:ExplosionGuard):
-    "Never end a fit with non-finite weights: restore the last good snapshot if needed, then unhook"
-    if self._nest: self._nest -= 1; return
-    if self._engine is None: return
-    ps = [*self.learn.model.parameters(), *(b for b in self.learn.model.buffers() if b.is_floating_point())]
-    if ps and not torch.stack(torch._foreach_norm(ps, float('inf'))).isfinite().all().item(): # max |x| is finite?
-        self._snaps.restore()
-        self._record('nonfinite_weights', 'model', float('nan'), None, 'restore')
-    self.remove()
-
 # %% ../nbs/06_guard.ipynb #675a4b19
 @patch
 def _order(self:ExplosionGuard):
@@ -403,6 +340,68 @@ def _verdict(self:ExplosionGuard):
 _GK = dict(fwd=compiled(_fwd_math), loss=compiled(_loss_math), bwd=compiled(_bwd_math), grad=compiled(_grad_base),
            lossb=compiled(_loss_base), act=compiled(_act_base))
 
+# %% ../nbs/06_guard.ipynb #6cb63f99
+@patch
+def remove(self:ExplosionGuard):
+    "Drop the guard's hooks and the state of its fit (snapshots, baselines); `events` stay"
+    f,lrn = self._fit,self.learn
+    if f is not None and f.saved_lr is not None and getattr(lrn, 'opt', None) is not None:
+        lrn.opt.set_hypers(lr=f.saved_lr)
+    if f is not None and f.drop is not None: _undrop(*f.drop[:2])
+    if self._engine is not None: self._engine.release(lrn, self)
+    self._engine = self._fit = self._snaps = self._base = self._pend = None
+    self._nest = 0
+
+@patch
+def before_fit(self:ExplosionGuard):
+    "Drop a stale fit's state; switch off inside `lr_find` and `get_preds`; leave a running fit alone in a nested call"
+    if self._engine is not None and not fit_running(self.learn): self.remove()
+    if self._engine is not None: self._nest += 1; return
+    self.run = training_fit(self.learn)
+
+@patch
+def before_train(self:ExplosionGuard):
+    "On the first training epoch of a fit, hook the model and take the first snapshot"
+    if self._nest: self.remove() # a new fit after one that raised while a nested call was open
+    if self._engine is None: self._start()
+
+# %% ../nbs/06_guard.ipynb #6345d48c
+@patch
+def _start(self:ExplosionGuard):
+    lrn = self.learn
+    self._engine = StatsEngine.acquire(lrn, self, ddp_modules(lrn.model, self.modules))
+    self.events,self.lr_scale,self.stop_reason,self.skipped,self._flights,self.bad_samples = [],1.,None,[],[],[]
+    dev = next(lrn.model.parameters()).device
+    self._fit = _FitState(self, [(n,p) for n,p in lrn.model.named_parameters() if p.requires_grad])
+    self._base = _Baselines(len(self._engine), self.grad_window, self.grad_warmup, dev)
+    self._pend,self._snaps = _Pending(),_Snapshots(lrn)
+    # the decision maths: compiled on the device path, eager where the engine takes the CPU C++ path (no compile wait)
+    cpu_cpp = dev.type=='cpu' and self._engine.path in (None,'cpp') and kernel_path(wait=True)=='cpp'
+    self._fit.k = {n:(c.f if cpu_cpp else c) for n,c in _GK.items()}
+    self._modules_changed()
+
+@patch
+def _modules_changed(self:ExplosionGuard):
+    "(Re)build the per-module state when the engine's module list changed"
+    e,f,dev = self._engine,self._fit,self._base.dev
+    f.nmods,f.cache,f.flight = len(e),{},None
+    if len(self._base.vcnt)!=len(e): self._base.resize(len(e))
+    self._act = torch.tensor([isinstance(m, act_types) for m in e.modules], device=dev)
+    pmod = {id(p):i for i,m in enumerate(e.modules) for p in m.parameters(recurse=False)}
+    f.pmod = [pmod.get(id(p), -1) for _,p in f.params]
+
+# %% ../nbs/06_guard.ipynb #022199eb
+@patch
+def after_fit(self:ExplosionGuard):
+    "Never end a fit with non-finite weights: restore the last good snapshot if needed, then unhook"
+    if self._nest: self._nest -= 1; return
+    if self._engine is None: return
+    ps = [*self.learn.model.parameters(), *(b for b in self.learn.model.buffers() if b.is_floating_point())]
+    if ps and not torch.stack(torch._foreach_norm(ps, float('inf'))).isfinite().all().item(): # max |x| is finite?
+        self._snaps.restore()
+        self._record('nonfinite_weights', 'model', float('nan'), None, 'restore')
+    self.remove()
+
 # %% ../nbs/06_guard.ipynb #730cb2a5
 def merge_verdict(g # `(world, kinds, cols)` tensor or nested list: every rank's rows
                  ) -> list: # `kinds` rows, each `[*row, bad_ranks]`
@@ -419,6 +418,36 @@ def sync_verdict(v:torch.Tensor # This rank's `(kinds, cols)` verdict
                 ) -> list: # Rows as lists; distributed, each row also ends with its bad ranks
     "Read the verdict `v` on the host, merged across ranks when distributed (one all-reduce)"
     return merge_verdict(gather_rows(v)) if is_dist() else v.tolist()
+
+# %% ../nbs/06_guard.ipynb #d7a47edd
+@patch
+def _fly(self:ExplosionGuard, s):
+    "Keep `s`, this batch's per-module statistics, in the flight recorder"
+    f = self._fit
+    if f.flight is None or f.flight.shape[1:]!=s.shape:
+        k = self.flight_batches
+        f.flight,f.fiters,f.nflight = s.new_full((k, *s.shape), float('nan')),[None]*k,0
+    i = f.nflight % self.flight_batches
+    f.flight[i].copy_(s); f.fiters[i] = self.learn.train_iter; f.nflight += 1
+
+@patch
+def _flight_now(self:ExplosionGuard):
+    f = self._fit
+    if f is None or f.flight is None: return None
+    k = min(f.nflight, self.flight_batches); ii = [(f.nflight-k+j) % self.flight_batches for j in range(k)]
+    return [f.fiters[i] for i in ii], f.flight[ii].clone(), [strip_ddp(n) for n in self._engine.names]
+
+@patch
+def flight(self:ExplosionGuard, ev=-1 # An event of `events`, or its index
+          ) -> pd.DataFrame: # One row per batch and module: `train_iter`, `module`, `STATS`, `in_bad`
+    "The per-module statistics of the batches up to event `ev`, the bad batch last"
+    i = ev if isinstance(ev, int) else next(j for j,e in enumerate(self.events) if e is ev)
+    cols = ['train_iter','module',*STATS,'in_bad']
+    fl = self._flights[i]
+    if fl is None: return pd.DataFrame(columns=cols)
+    its,t,names = fl
+    a = t.cpu().tolist()
+    return pd.DataFrame([[it, n, *a[j][m]] for j,it in enumerate(its) for m,n in enumerate(names)], columns=cols)
 
 # %% ../nbs/06_guard.ipynb #5b0532b9
 @patch
@@ -466,6 +495,24 @@ def before_step(self:ExplosionGuard):
     p.fwd,p.seen = None,False
     self._act_on(R)
 
+# %% ../nbs/06_guard.ipynb #52d60522
+@patch
+def _good(self:ExplosionGuard, promote=True):
+    "Bookkeeping of a batch that steps: promote the pending snapshot, grow the baselines, back off the lr"
+    f,b,p = self._fit,self._base,self._pend
+    f.ok = promote
+    if promote:
+        f.badrun,f.backed = 0,False
+        self._snaps.promote()
+        w = self.grad_warmup
+        if f.gnorm is not None: b.grad_thr = f.k['grad'](b.grad.buf, b.grad.cnt, f.gnorm, w, float(self.grad_factor))
+        if p.loss is not None: b.loss_thr = f.k['lossb'](b.loss.buf, b.loss.cnt, p.loss, w, float(self.loss_z))
+        if p.std is not None: b.act_thr = f.k['act'](b.act.buf, b.act.cnt, p.std, w, float(self.act_factor))
+        if self.lr_scale<1: self.lr_scale = min(1., self.lr_scale*f.up)
+    if self.lr_scale!=1:
+        f.saved_lr = [h['lr'] for h in self.learn.opt.hypers]
+        self.learn.opt.set_hypers(lr=[lr*self.lr_scale for lr in f.saved_lr])
+
 # %% ../nbs/06_guard.ipynb #25ebec5d
 @patch
 def _escalate(self:ExplosionGuard):
@@ -505,24 +552,6 @@ def _act_on(self:ExplosionGuard, R):
         raise CancelStepException()
     self.stop_reason = self.events[-1]['message']
     raise CancelFitException()
-
-# %% ../nbs/06_guard.ipynb #52d60522
-@patch
-def _good(self:ExplosionGuard, promote=True):
-    "Bookkeeping of a batch that steps: promote the pending snapshot, grow the baselines, back off the lr"
-    f,b,p = self._fit,self._base,self._pend
-    f.ok = promote
-    if promote:
-        f.badrun,f.backed = 0,False
-        self._snaps.promote()
-        w = self.grad_warmup
-        if f.gnorm is not None: b.grad_thr = f.k['grad'](b.grad.buf, b.grad.cnt, f.gnorm, w, float(self.grad_factor))
-        if p.loss is not None: b.loss_thr = f.k['lossb'](b.loss.buf, b.loss.cnt, p.loss, w, float(self.loss_z))
-        if p.std is not None: b.act_thr = f.k['act'](b.act.buf, b.act.cnt, p.std, w, float(self.act_factor))
-        if self.lr_scale<1: self.lr_scale = min(1., self.lr_scale*f.up)
-    if self.lr_scale!=1:
-        f.saved_lr = [h['lr'] for h in self.learn.opt.hypers]
-        self.learn.opt.set_hypers(lr=[lr*self.lr_scale for lr in f.saved_lr])
 
 # %% ../nbs/06_guard.ipynb #6649aff4
 @patch
@@ -769,36 +798,6 @@ def _log(self:ExplosionGuard, msg):
     mbar = getattr(getattr(self.learn, 'progress', None), 'mbar', None)
     if mbar is not None: mbar.write(msg)
     else: self.learn.logger(msg)
-
-# %% ../nbs/06_guard.ipynb #d7a47edd
-@patch
-def _fly(self:ExplosionGuard, s):
-    "Keep `s`, this batch's per-module statistics, in the flight recorder"
-    f = self._fit
-    if f.flight is None or f.flight.shape[1:]!=s.shape:
-        k = self.flight_batches
-        f.flight,f.fiters,f.nflight = s.new_full((k, *s.shape), float('nan')),[None]*k,0
-    i = f.nflight % self.flight_batches
-    f.flight[i].copy_(s); f.fiters[i] = self.learn.train_iter; f.nflight += 1
-
-@patch
-def _flight_now(self:ExplosionGuard):
-    f = self._fit
-    if f is None or f.flight is None: return None
-    k = min(f.nflight, self.flight_batches); ii = [(f.nflight-k+j) % self.flight_batches for j in range(k)]
-    return [f.fiters[i] for i in ii], f.flight[ii].clone(), [strip_ddp(n) for n in self._engine.names]
-
-@patch
-def flight(self:ExplosionGuard, ev=-1 # An event of `events`, or its index
-          ) -> pd.DataFrame: # One row per batch and module: `train_iter`, `module`, `STATS`, `in_bad`
-    "The per-module statistics of the batches up to event `ev`, the bad batch last"
-    i = ev if isinstance(ev, int) else next(j for j,e in enumerate(self.events) if e is ev)
-    cols = ['train_iter','module',*STATS,'in_bad']
-    fl = self._flights[i]
-    if fl is None: return pd.DataFrame(columns=cols)
-    its,t,names = fl
-    a = t.cpu().tolist()
-    return pd.DataFrame([[it, n, *a[j][m]] for j,it in enumerate(its) for m,n in enumerate(names)], columns=cols)
 
 # %% ../nbs/06_guard.ipynb #7728fa5b
 _EVCOLS = ['epoch','iter','train_iter','kind','layer','pass','value','threshold','action']

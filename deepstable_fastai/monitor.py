@@ -74,7 +74,8 @@ def _start(self:ActivationMonitor):
     dev = next(iter(e.params), None)
     dev = dev.device if dev is not None else torch.device('cpu')
     names = [strip_ddp(n) for n in e.names] # the user's names, also under DDP
-    if self.reset_on_fit or self.buf is None or list(self.names)!=names: self._alloc(names, dev)
+    if self.reset_on_fit or self.buf is None or list(self.names)!=names or self.buf.shape[-1]!=_NCOL:
+        self._alloc(names, dev)
     else:
         self.buf,self.hbuf = self.buf.to(dev),(None if self.hbuf is None else self.hbuf.to(dev))
         self._off = int(self.pos[self.k-1,0])+1 if self.k else 0
@@ -82,11 +83,13 @@ def _start(self:ActivationMonitor):
     self._started,self._count,self._nan = True,0,torch.full((len(e), len(GRAD_STATS)), float('nan'), device=dev)
     if self.grads and self.updates: self._snap = [torch.empty_like(p) if p.requires_grad else None for p in e.params]
 
+_NCOL = len(MONITOR_STATS)+1 # and the elements behind each record's statistics, for the merge across ranks
+
 @patch
 def _alloc(self:ActivationMonitor, names, dev):
     self.names,self.k,self.stride,self._off,self._logged = list(names),0,1,0,-1
     self.pos = torch.zeros(self.cap, 4, dtype=torch.long) # on the host: written through a numpy view, no op
-    self.buf = torch.full((self.cap, len(names), len(MONITOR_STATS)), float('nan'), device=dev)
+    self.buf = torch.full((self.cap, len(names), _NCOL), float('nan'), device=dev)
     self.hbuf = (torch.zeros(self.cap, len(names), self.bins+3, dtype=torch.int32, device=dev)
                  if self.with_hist else None)
 
@@ -155,7 +158,8 @@ def after_batch(self:ActivationMonitor):
     self._rec,s = False,self._engine.stats()
     if s is None: return
     k = self.k
-    self.buf[k].copy_(torch.cat([s[:,:len(STATS)], self._nan if self._g is None else self._g], 1))
+    g,n = self._nan if self._g is None else self._g,self._engine.raw[:len(s),:1]
+    self.buf[k].copy_(torch.cat([s[:,:len(STATS)], g, n.to(g.dtype)], 1))
     if self.hbuf is not None and (h:=self._engine.hists()) is not None: self.hbuf[k].copy_(h)
     self.pos.numpy()[k] = self._where
     self.k += 1
@@ -210,7 +214,9 @@ def _merge_ranks(self:ActivationMonitor, start:int=0):
     if not same_on_ranks(k, start):
         raise RuntimeError(f"ActivationMonitor: the ranks hold different records ({start}:{k} here)")
     if k<=start: return
-    self.buf[start:k,:,:ns] = all_reduce_stats(self.buf[start:k,:,:ns]).to(self.buf)
+    n = self.buf[start:k,:,-1] # elements behind each statistic: exact also for unequal slices
+    self.buf[start:k,:,:ns] = all_reduce_stats(self.buf[start:k,:,:ns], n).to(self.buf)
+    self.buf[start:k,:,-1] = all_reduce_sum(n).to(self.buf)
     if self.hbuf is not None: self.hbuf[start:k] = all_reduce_sum(self.hbuf[start:k]).to(self.hbuf)
 
 # %% ../nbs/05_monitor.ipynb #9ec5d42f
@@ -260,7 +266,7 @@ def steps(self:ActivationMonitor):
 def to_df(self:ActivationMonitor):
     "The history as a long `DataFrame`: step, epoch, iter, train, layer, layer_idx, stat, value"
     k,n,c = self.k,len(self.names),len(MONITOR_STATS)
-    b,p = self.buf[:k].cpu().numpy(),self.pos[:k].numpy()
+    b,p = self.buf[:k,:,:c].cpu().numpy(),self.pos[:k].numpy()
     rep = lambda a: np.repeat(a, n*c)
     return pd.DataFrame(dict(step=rep(p[:,0]), epoch=rep(p[:,1]), iter=rep(p[:,2]), train=rep(p[:,3]).astype(bool),
         layer=pd.Categorical.from_codes(np.tile(np.repeat(np.arange(n), c), k), self.names),

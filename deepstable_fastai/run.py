@@ -84,17 +84,46 @@ def pick_lr(learn:Learner,
            f"{fallback:g}, Adam's default")
     return LRPick(fallback, why, lrs, losses)
 
-# %% ../nbs/11_run.ipynb #89234b1d
+# %% ../nbs/11_run.ipynb #3077dc80
+def _history(rec):
+    "The recorder's values of each epoch as dicts, e.g. `{'train_loss':..., 'valid_loss':..., 'accuracy':...}`"
+    names = rec.metric_names[1:-1]
+    return [{k:float(v) for k,v in zip(names, vs)} for vs in rec.values]
+
+# %% ../nbs/11_run.ipynb #c3c7616e
+def _fit(learn:Learner, epochs:int, lr:float, # `fit_one_cycle(epochs, lr)`
+         name:str='', # the run's name: prefix of the lines and of the loss plot's file
+         lines:bool=False, # one line per epoch instead of a progress bar, see `epoch_lines`
+         ctx=None, # a context manager around fit and validate
+         out:Path=None # folder for the loss plot; None: no plot
+        ) -> tuple:
+    "`fit_one_cycle` and `validate` `learn` in `ctx`: seconds per epoch, history, accuracy, loss plot (or None)"
+    import fastai.callback.schedule # `fit_one_cycle`, imported on use (see `pick_lr`)
+    with (epoch_lines(learn, name) if lines else nullcontext()), warnings.catch_warnings(), ifnone(ctx, nullcontext()):
+        warnings.simplefilter('ignore')
+        t0 = time.time(); learn.fit_one_cycle(epochs, lr); secs = (time.time()-t0)/epochs
+        hist = _history(learn.recorder)
+        fig = None if out is None else save_fig(learn.explosion_guard.plot_events(), out, f'{name}_loss_events.png')
+        acc = float(learn.validate()[1])  # on every rank: fastai gathers predictions across processes
+    return secs, hist, acc, fig
+
+# %% ../nbs/11_run.ipynb #b58b2df8
 def _deepest_act(learn):
     "Index in the monitor of the last activation module, where dead units show"
     mods = dict(learn.model.named_modules())
     idx = [i for i,n in enumerate(learn.activation_monitor.names) if isinstance(mods.get(n), act_types)]
     return idx[-1] if idx else len(learn.activation_monitor.names)-1
 
-def _finite(m):
-    return bool(all(t.isfinite().all() for t in m.state_dict().values() if t.is_floating_point()))
+def _run_plots(learn, out, name):
+    "Save the monitor's std heat map, colorful dimension (with histograms) and dead units of the deepest activation"
+    mon,i = learn.activation_monitor,_deepest_act(learn)
+    figs = [save_fig(mon.plot(), out, f'{name}_std_heatmap.png')]
+    if getattr(mon, 'with_hist', False): figs.append(save_fig(mon.color_dim(i), out, f'{name}_color_dim.png'))
+    return figs + [save_fig(mon.dead_chart(i), out, f'{name}_dead_units.png')]
 
-# %% ../nbs/11_run.ipynb #1554ba58
+def _finite(m): return bool(all(t.isfinite().all() for t in m.state_dict().values() if t.is_floating_point()))
+
+# %% ../nbs/11_run.ipynb #b444ffa9
 def train_report(learn:Learner, # with an `ActivationMonitor` and an `ExplosionGuard` attached
                  out:Path, # report folder for the plots
                  name:str, # the run's name: title in the report, prefix of its plot files
@@ -106,22 +135,11 @@ def train_report(learn:Learner, # with an `ActivationMonitor` and an `ExplosionG
                  **info # more fields for the result: `description`, `depth`, `lr_reason` ...
                 ) -> dict:
     "Train `learn` with `fit_one_cycle`, save its plots into `out`, and return its result for `write_report`"
-    import fastai.callback.schedule # `fit_one_cycle`, imported on use (see `pick_lr`)
-    out,mon,g = Path(out),learn.activation_monitor,learn.explosion_guard
-    figs = list(figures or [])
+    out,_,g = Path(out),learn.activation_monitor,learn.explosion_guard # both callbacks there, before training
     if save: out.mkdir(parents=True, exist_ok=True)
-    with (epoch_lines(learn, name) if lines else nullcontext()), warnings.catch_warnings(), ifnone(ctx, nullcontext()):
-        warnings.simplefilter('ignore')
-        t0 = time.time(); learn.fit_one_cycle(epochs, lr); secs = (time.time()-t0)/epochs
-        names,vals = learn.recorder.metric_names[1:-1],learn.recorder.values
-        hist = [{k:float(v) for k,v in zip(names, vs)} for vs in vals]
-        if save: figs.append(save_fig(g.plot_events(), out, f'{name}_loss_events.png'))
-        acc = float(learn.validate()[1])  # on every rank: fastai gathers predictions across processes
+    secs,hist,acc,fig = _fit(learn, epochs, lr, name, lines, ctx, out if save else None)
     evs = [dict(e) for e in g.events]
     if not save: return dict(name=name, events=evs)
-    i = _deepest_act(learn)
-    figs.append(save_fig(mon.plot(), out, f'{name}_std_heatmap.png'))
-    if getattr(mon, 'with_hist', False): figs.append(save_fig(mon.color_dim(i), out, f'{name}_color_dim.png'))
-    figs.append(save_fig(mon.dead_chart(i), out, f'{name}_dead_units.png'))
+    figs = [*(figures or []), fig, *_run_plots(learn, out, name)]
     return dict(name=name, **info, epochs=epochs, lr=lr, accuracy=acc, secs_per_epoch=secs, history=hist,
                 finite_weights=_finite(learn.model), events=evs, figures=figs)

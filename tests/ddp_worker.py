@@ -72,7 +72,7 @@ def main(out, names):
 
     def mon_res(m, k):
         from deepstable_fastai.monitor import MONITOR_STATS
-        return dict(names=m.names, k=m.k, pos=m.pos[k].tolist(), stats=m.buf[k,:,:7].tolist(), grads=m.buf[k,:,7:].tolist(),
+        return dict(names=m.names, k=m.k, pos=m.pos[k].tolist(), stats=m.buf[k,:,:7].tolist(), grads=m.buf[k,:,7:10].tolist(),
                     hist=m.hbuf[k].tolist(), n_stats=len(MONITOR_STATS))
 
     def run(name, action=None, fault=None, k=3, guard_kw=None, stats_at=None, opt='adam', mon=False, local=False, accel=False, ctx=False, n=1):

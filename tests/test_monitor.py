@@ -172,7 +172,7 @@ def test_long_run_memory_cap():
     assert 32<=m.k<=64 and m.stride==64
     st = m.steps
     assert st[0]==0 and st[-1]>=3000-m.stride and set((st[1:]-st[:-1]).tolist())=={m.stride}
-    assert m.nbytes()==64*(len(m.names)*(4*len(MONITOR_STATS)+4*43)+32)
+    assert m.nbytes()==64*(len(m.names)*(4*(len(MONITOR_STATS)+1)+4*43)+32)
     assert m.hist_counts(0).sum(1).eq(16).all()
 
 def test_monitor_and_guard_share_batches():
