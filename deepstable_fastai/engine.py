@@ -83,11 +83,12 @@ class StatsEngine:
         self.handles = [m.register_forward_hook(_Hook(self, i)) for i,m in enumerate(self.modules)]
         self.handles.append(self.model.register_forward_hook(_Hook(self, -1)))
         self.raw = self.rhist = None
-        self._slots,self._meta,self._ids = {},{},None
+        self._slots,self._meta,self._ids,self._nidx = {},{},None,{}
         self._params(); self._reset()
 
     def _reset(self):
         self.order,self._stats,self._gn,self.do_hist,self._fresh,self._pos,self._lay = [],None,None,False,True,0,[]
+        self._pgn = None # this batch's gradient norms, shared by the users: see `param_grad_norms`
     def remove(self):
         "Remove every hook"
         for h in self.handles: h.remove()
@@ -286,6 +287,23 @@ def release(self:StatsEngine, learn, user):
         self.remove()
         if learn.__dict__.get('_stats_engine') is self: del learn.__dict__['_stats_engine']
 
+# %% ../nbs/02_engine.ipynb #976ccd72
+@patch
+def param_grad_norms(self:StatsEngine, ps:list # Parameters that all have a gradient
+                    ) -> torch.Tensor: # float32 `(len(ps),)`, on the gradients' device
+    "L2 norms of the gradients of `ps`, computed once per batch for every user of the engine"
+    gs,c = [p.grad for p in ps],self._pgn
+    if c is not None:
+        pos,cg,cv,n = c
+        js = [pos.get(id(p), -1) for p in ps]
+        if all(j>=0 and cg[j] is g and cv[j]==g._version for j,g in zip(js, gs)):
+            k = tuple(js)
+            if k not in self._nidx: self._nidx[k] = torch.tensor(js, device=n.device) # once per fit, not per batch
+            return n[self._nidx[k]]
+    n = torch.stack(torch._foreach_norm(gs)).float()
+    self._pgn = ({id(p):j for j,p in enumerate(ps)}, gs, [g._version for g in gs], n)
+    return n
+
 # %% ../nbs/02_engine.ipynb #b3098d93
 @patch
 def module_norms(self:StatsEngine, ts, has=None):
@@ -321,7 +339,11 @@ def _all_true(self:StatsEngine, dev):
 @patch
 def grad_norms(self:StatsEngine):
     "Per-module gradient norms of this batch (NaN where there is none), cached per batch"
-    if self._gn is None: self._gn = self.module_norms([p.grad for p in self.params])
+    if self._gn is None:
+        ps = self.params
+        if ps and all(p.grad is not None for p in ps):
+            self._gn = self.module_norms(self.param_grad_norms(ps), self._all_true(ps[0].device))
+        else: self._gn = self.module_norms([p.grad for p in ps])
     return self._gn
 
 # %% ../nbs/02_engine.ipynb #62e5ab2d

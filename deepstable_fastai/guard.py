@@ -225,7 +225,7 @@ class _Pending:
 class _FitState:
     "Counters and caches of one fit"
     def __init__(self, g, params):
-        self.params,self.all = params,tuple(range(len(params)))
+        self.params,self.all,self.plist = params,tuple(range(len(params))),[p for _,p in params]
         self.every = g.snapshot_every or dict(warn=100, skip=25).get(g.action, 10)
         self.up = (1/g.lr_backoff)**(1/g.lr_recover) if g.lr_recover else 1.
         self.nb = self.steps = self.rollbacks = self.badrun = self.amp_run = self.skip_left = self.nflight = 0
@@ -332,7 +332,7 @@ def _verdict(self:ExplosionGuard):
     if not ii:
         f.gnorm = None
         return torch.cat([p.fwd, torch.zeros(2, 6, device=self._base.dev), p.cur[:1]])
-    n = torch.stack(torch._foreach_norm(gs if ii is f.all else [gs[i] for i in ii]))
+    n = self._engine.param_grad_norms(f.plist if ii is f.all else [f.plist[i] for i in ii]) # shared with the monitor
     v,f.gnorm = f.k['bwd'](n, self._rank(ii), self._base.grad_thr, p.fwd, p.cur)
     return v
 

@@ -74,3 +74,14 @@ def test_compiles_bounded():
     learn = tiny(40); learn.dls.train.bs = 48
     fit(learn, [ActivationMonitor(with_hist=True), ExplosionGuard('skip')])
     assert du.counters['stats']['unique_graphs']-g0 <= 1, du.counters['stats']
+
+def test_one_gradient_pass():
+    "The guard and the monitor together read the gradients once per batch: one `_foreach_norm`"
+    class Norms(Count):
+        def after_batch(self):
+            self.c.__exit__(None, None, None)
+            if self.training: self.res[True].append(self.c.by_op.get('aten._foreach_norm', 0))
+    for cbs in ([ExplosionGuard('skip')], [ActivationMonitor()], [ActivationMonitor(), ExplosionGuard('skip')]):
+        learn = tiny(); c = Norms(); learn.add_cb(c)
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=[StopAfter(4)]+cbs)
+        assert c.res[True][1:]==[1]*3, (cbs, c.res[True]) # batch 0 also measures the weights (`update_every`)
