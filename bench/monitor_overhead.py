@@ -1,4 +1,6 @@
-"Cost of `ActivationMonitor` vs no callback and fastai's `ActivationStats`: CPU and wall time per training epoch, and the CPU time spent inside each callback's own hooks and events."
+"""Cost of `ActivationMonitor` vs no callback and fastai's `ActivationStats`: process CPU time per fit (whole epochs,
+validation included, or `--batches` training batches), as paired ratios, and the CPU time spent inside each callback's
+own hooks and events (the hooks' time in validation included, per training batch)."""
 import argparse, os, random, statistics, time, warnings
 import torch, torch.nn.functional as F
 from fastai.vision.all import *
@@ -49,7 +51,8 @@ def self_targets(k):
     from deepstable_fastai.engine import StatsEngine
     if k.startswith('fastai'): return [(Hook,'hook_fn'), (ActivationStats,'after_batch')]
     if k.startswith('ActivationMonitor'):
-        return [(_Hook,'__call__')]+[(ActivationMonitor,o) for o in ('before_batch','before_step','after_step','after_batch')]
+        evs = ('before_batch','before_step','after_step','after_batch')
+        return [(_Hook,'__call__')]+[(ActivationMonitor,o) for o in evs]
     return []
 
 def make(model):
@@ -81,7 +84,8 @@ def table(model, res, batches, repeats, nb):
     base_c = statistics.median(x[0] for x in base)
     what = f"{batches} training batches" if batches else f"whole epochs ({nb} training batches and the validation)"
     print(f"\n**{model}**, {what} of 64, median of {repeats} interleaved repeats\n")
-    print("| variant | CPU s/fit | x no callback (CPU, paired) | range | own CPU ms/training batch | own / no-callback CPU |")
+    print("| variant | CPU s/fit | x no callback (CPU, paired) | range | own CPU ms/training batch "
+          "| own / no-callback CPU |")
     print("|---|---|---|---|---|---|")
     for k,v in res.items():
         c,o = (statistics.median(x[i] for x in v) for i in (0,2))
@@ -96,7 +100,8 @@ if __name__=='__main__':
     p.add_argument('--repeats', type=int, default=5)
     a = p.parse_args()
     torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', 1)))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY','(unset)')}, "
+    wp = os.environ.get('OMP_WAIT_POLICY', '(unset)')
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={wp}, "
           f"statistics path: {kernel_path(wait=True)}")
     print(time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()))
     for m in a.models.split(','):

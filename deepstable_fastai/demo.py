@@ -161,10 +161,12 @@ def plot_depth_sweep(rows:list, ax=None):
     return ax.figure
 
 # %% ../nbs/12_demo.ipynb #082f19e4
+def _n(k, word): return f"{k} {word}{'' if k==1 else 's'}"
+
 def _sweep_panel(rows:list, out:Path, epochs:int) -> list:
     "The report panel of depth sweep `rows` (none without rows), its plot saved into `out`"
     if not rows: return []
-    text = (f"Validation accuracy after {epochs} epochs of one-cycle at each depth, each variant at the lr it "
+    text = (f"Validation accuracy after {_n(epochs, 'epoch')} of one-cycle at each depth, each variant at the lr it "
             "got above. The plain stacks count conv layers, the residual network counts blocks.")
     return [dict(title='Depth sweep: why residual blocks matter', text=text,
                  figure=save_fig(plot_depth_sweep(rows), out, 'depth_sweep.png'))]
@@ -208,7 +210,7 @@ def _kaiming_line(r):
     e90 = _to90(r)
     h = [o.get('accuracy', 0) for o in r.get('history', [])]
     rising = ', still rising' if len(h)>1 and h[-1]>h[-2] else ''
-    speed = f"90% after epoch {e90}" if e90 else f"{r['accuracy']:.0%} after {len(h)} epochs{rising}"
+    speed = f"90% after epoch {e90}" if e90 else f"{r['accuracy']:.0%} after {_n(len(h), 'epoch')}{rising}"
     return (f"**kaiming** init on the same stack trains, slowly: accuracy by epoch {_curve(r)} ({speed}) "
             f"at lr {r['lr']:.2g}" + _jumps(r))
 
@@ -233,8 +235,9 @@ def _res_line(r, rows):
     cmp = ', '.join(f"{v} {at[v]:.0%}" for v in others)
     if not deepest:
         return f"**resblock** did not train deepest here: at depth {d}, resblock {at.get('resblock', 0):.0%}, {cmp}"
-    return (f"**resblock** trains deepest: at {d} blocks it reaches {at['resblock']:.0%} after {rows[0]['epochs']} "
-            f"epochs, where the plain stacks at {d} layers reach {cmp} (depth sweep below)")
+    return (f"**resblock** trains deepest: at {d} blocks it reaches {at['resblock']:.0%} "
+            f"after {_n(rows[0]['epochs'], 'epoch')}, where the plain stacks at {d} layers reach {cmp} "
+            "(depth sweep below)")
 
 def demo_story(runs:list, # results with `verdict` and `headline`, as in a summary's `runs`
                rows:list=None # `depth_sweep` rows

@@ -85,7 +85,7 @@ def ddp_modules(model:nn.Module, # The learner's model, maybe wrapped by DDP or 
 _SM,_SS,_SA,_SNZ,_SZ,_SNAN,_SINF = map(STATS.index, ('mean','std','absmax','near_zero','zero','nan','inf'))
 
 def _raw(s, n=None):
-    "Raw rows (`n` first, counts for fractions) of `STATS` rows `s` over `n` elements (if `None`, 1 unless it did not run)"
+    "Raw rows (`n` first, counts for fractions) of `STATS` rows `s` over `n` elements (`None`: 1, 0 if it did not run)"
     s = s.double()
     if n is None: n = torch.where(s[...,_SM].isnan() & (s[...,_SNAN]==0) & (s[...,_SINF]==0), 0., 1.)
     n = torch.as_tensor(n).to(s).expand_as(s[...,0])[...,None]

@@ -289,19 +289,22 @@ def release(self:StatsEngine, learn, user):
 
 # %% ../nbs/02_engine.ipynb #976ccd72
 @patch
-def param_grad_norms(self:StatsEngine, ps:list # Parameters that all have a gradient
+def param_grad_norms(self:StatsEngine, ps:list, # Parameters that all have a gradient
+                     scaled:bool=False # The gradients still carry a loss scale (read before `MixedPrecision` unscales)
                     ) -> torch.Tensor: # float32 `(len(ps),)`, on the gradients' device
     "L2 norms of the gradients of `ps`, computed once per batch for every user of the engine"
-    gs,c = [p.grad for p in ps],self._pgn
-    if c is not None:
-        pos,cg,cv,n = c
-        js = [pos.get(id(p), -1) for p in ps]
-        if all(j>=0 and cg[j] is g and cv[j]==g._version for j,g in zip(js, gs)):
-            k = tuple(js)
-            if k not in self._nidx: self._nidx[k] = torch.tensor(js, device=n.device) # once per fit, not per batch
-            return n[self._nidx[k]]
+    gs = [p.grad for p in ps]
+    if not gs or any(g is None for g in gs): raise ValueError("`ps` must be parameters that all have a gradient")
+    k,c = tuple(map(id, ps)),self._pgn
+    if c is not None and c[0]==scaled:
+        _,ck,cids,cvs,n = c
+        if (ck,k) not in self._nidx and len(self._nidx)<16: # positions of `ps` in the measured list, once per pair
+            pos = {o:j for j,o in enumerate(ck)}; js = [pos.get(o, -1) for o in k]
+            self._nidx[(ck,k)] = js,(None if min(js)<0 else torch.tensor(js, device=n.device))
+        js,ix = self._nidx.get((ck,k), (None,None))
+        if ix is not None and all(cids[j]==id(g) and cvs[j]==g._version for j,g in zip(js, gs)): return n[ix]
     n = torch.stack(torch._foreach_norm(gs)).float()
-    self._pgn = ({id(p):j for j,p in enumerate(ps)}, gs, [g._version for g in gs], n)
+    self._pgn = (scaled, k, [id(g) for g in gs], [g._version for g in gs], n) # ids, not tensors: nothing kept alive
     return n
 
 # %% ../nbs/02_engine.ipynb #b3098d93
@@ -337,12 +340,13 @@ def _all_true(self:StatsEngine, dev):
     return self._true
 
 @patch
-def grad_norms(self:StatsEngine):
+def grad_norms(self:StatsEngine, scaled:bool=False # The gradients still carry a loss scale
+              ):
     "Per-module gradient norms of this batch (NaN where there is none), cached per batch"
     if self._gn is None:
         ps = self.params
         if ps and all(p.grad is not None for p in ps):
-            self._gn = self.module_norms(self.param_grad_norms(ps), self._all_true(ps[0].device))
+            self._gn = self.module_norms(self.param_grad_norms(ps, scaled), self._all_true(ps[0].device))
         else: self._gn = self.module_norms([p.grad for p in ps])
     return self._gn
 

@@ -74,8 +74,9 @@ def _start(self:ActivationMonitor):
     dev = next(iter(e.params), None)
     dev = dev.device if dev is not None else torch.device('cpu')
     names = [strip_ddp(n) for n in e.names] # the user's names, also under DDP
-    if self.reset_on_fit or self.buf is None or list(self.names)!=names or self.buf.shape[-1]!=_NCOL:
-        self._alloc(names, dev)
+    if self.buf is not None and self.buf.shape[-1]==_NCOL-1: # a history kept before the element counts were
+        self.buf = torch.cat([self.buf, self.buf.new_full((*self.buf.shape[:2], 1), float('nan'))], -1)
+    if self.reset_on_fit or self.buf is None or list(self.names)!=names: self._alloc(names, dev)
     else:
         self.buf,self.hbuf = self.buf.to(dev),(None if self.hbuf is None else self.hbuf.to(dev))
         self._off = int(self.pos[self.k-1,0])+1 if self.k else 0
@@ -108,8 +109,8 @@ def before_batch(self:ActivationMonitor):
 
 # %% ../nbs/05_monitor.ipynb #e6b6d62c
 def _loss_scale(learn):
-    "The device tensor `MixedPrecision` scales the loss by, or `None`"
-    return getattr(getattr(getattr(learn, 'mixed_precision', None), 'scaler', None), '_scale', None)
+    "The device tensor `MixedPrecision` (or a subclass, under any name) scales the loss by, or `None`"
+    return getattr(learn.__dict__.get('scaler'), '_scale', None) # `MixedPrecision` puts its `GradScaler` on the learner
 
 # %% ../nbs/05_monitor.ipynb #d13788c4
 @patch
@@ -128,8 +129,9 @@ def before_step(self:ActivationMonitor):
     "Gradient norms; on update batches also weight norms and a copy of the weights"
     if not (self._rec and self.grads): return
     e = self._engine
-    gn = e.grad_norms()
-    if (s:=_loss_scale(self.learn)) is not None: gn = gn/s.to(gn.device).float()
+    s = _loss_scale(self.learn)
+    gn = e.grad_norms(scaled=s is not None)
+    if s is not None: gn = gn/s.to(gn.device).float()
     self._g = torch.cat([gn[:,None], self._nan[:,1:]], 1)
     if not self._upd: return
     self._live = [j for j,p in enumerate(e.params) if p.requires_grad]

@@ -135,7 +135,9 @@ def train_report(learn:Learner, # with an `ActivationMonitor` and an `ExplosionG
                  **info # more fields for the result: `description`, `depth`, `lr_reason` ...
                 ) -> dict:
     "Train `learn` with `fit_one_cycle`, save its plots into `out`, and return its result for `write_report`"
-    out,_,g = Path(out),learn.activation_monitor,learn.explosion_guard # both callbacks there, before training
+    miss = [n for n in ('activation_monitor','explosion_guard') if not hasattr(learn, n)] # checked before training
+    if miss: raise ValueError(f"`learn` needs an `ActivationMonitor` and an `ExplosionGuard`, missing: {miss}")
+    out,g = Path(out),learn.explosion_guard
     if save: out.mkdir(parents=True, exist_ok=True)
     secs,hist,acc,fig = _fit(learn, epochs, lr, name, lines, ctx, out if save else None)
     evs = [dict(e) for e in g.events]

@@ -252,3 +252,25 @@ def test_drop_leaves_user_loader():
     assert learn.look.seen==[(True, False, n-1)]*2, learn.look.seen
     assert 'get_idxs' not in dls.train.__dict__ and len(dls.train.get_idxs())==n
     assert learn.explosion_guard.bad_samples==[7] and len(learn.explosion_guard.events)==1
+
+def test_mixed_precision_norms_with_monitor():
+    "Under `MixedPrecision` the monitor reads scaled gradients before the unscale: the guard must not get its norms"
+    from fastai.callback.fp16 import MixedPrecision
+    from torch.amp import GradScaler
+    from deepstable_fastai.monitor import ActivationMonitor
+    class CPUMixedPrecision(MixedPrecision):
+        def before_fit(self):
+            self.autocast,self.learn.scaler,self.scales = torch.autocast('cpu', dtype=torch.float16),GradScaler('cpu'),[]
+    class Norms(Callback):
+        order = 11 # after the guard
+        def before_fit(self): self.res = []
+        def before_step(self): self.res.append(self.learn.explosion_guard._fit.gnorm.clone())
+    def norms(mon):
+        set_seed(0); learn = synth_learner(n_trn=8)
+        nc,g = Norms(),ExplosionGuard('warn')
+        cbs = [CPUMixedPrecision(), g, nc] + ([ActivationMonitor(every=2)] if mon else [])
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2, cbs=cbs)
+        return torch.stack(nc.res), g.events
+    (a,ea),(b,eb) = norms(False),norms(True)
+    assert len(a)>=4 and torch.allclose(a, b), (a, b)
+    assert [e['kind'] for e in ea]==[e['kind'] for e in eb]
