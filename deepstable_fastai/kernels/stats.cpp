@@ -51,9 +51,14 @@ void stats_block(const T* x, int64_t n, double nz, double* row) {
 // Counts of `x` in `nb` equal bins over [lo, hi] (outliers in the edge bins), then NaN, -Inf, +Inf.
 // Blocks of 1024 that are all finite (checked with one vectorised pass: x*0 is NaN only for NaN and Inf) take a
 // vectorised bin computation; the rest take the branchy loop that sorts out the non-finite values.
+// The counting is a scatter: `K` copies of the counts, element j going to copy j%K, so that runs of equal bins (the
+// zeros after a ReLU) do not wait on each other's store; 8 copies, unrolled, ran 40% faster than the loop before
+// (4 copies, indexed by j&3): 0.42 against 0.70 ns per element (bench/README.md).
 template <typename T>
 void hist_block(const T* x, int64_t n, double lo, double hi, int64_t nb, int64_t* h) {
-  std::vector<int64_t> c(4*(nb + 3), 0);  // on the heap: `nb` comes from the user; 4 copies break store chains
+  constexpr int K = 8;
+  const int64_t w = nb + 3;
+  std::vector<int64_t> c(K*w, 0);  // on the heap: `nb` comes from the user
   std::vector<int32_t> idx(1024);
   const T flo = (T)lo, scale = (T)nb / ((T)hi - (T)lo), top = (T)(nb - 1);
   for (int64_t i0 = 0; i0 < n; i0 += 1024) {
@@ -66,7 +71,10 @@ void hist_block(const T* x, int64_t n, double lo, double hi, int64_t nb, int64_t
       int32_t* ix = idx.data();
       #pragma omp simd
       for (int64_t j = 0; j < m; j++) { T t = (y[j] - flo)*scale; t = t < 0 ? 0 : t; t = t > top ? top : t; ix[j] = (int32_t)t; }
-      for (int64_t j = 0; j < m; j++) c[(j&3)*(nb + 3) + ix[j]]++;
+      int64_t j = 0;
+      for (; j + K <= m; j += K)
+        for (int k = 0; k < K; k++) c[k*w + ix[j + k]]++;
+      for (; j < m; j++) c[ix[j]]++;
     } else for (int64_t j = 0; j < m; j++) {
       T v = y[j]; int64_t b;
       if (v != v) b = nb;
@@ -75,7 +83,7 @@ void hist_block(const T* x, int64_t n, double lo, double hi, int64_t nb, int64_t
       c[b]++;
     }
   }
-  for (int64_t j = 0; j < nb + 3; j++) h[j] += c[j] + c[nb + 3 + j] + c[2*(nb + 3) + j] + c[3*(nb + 3) + j];
+  for (int64_t j = 0; j < w; j++) { int64_t s = 0; for (int k = 0; k < K; k++) s += c[k*w + j]; h[j] += s; }
 }
 
 // A view of `t` whose elements are dense in memory (order does not matter for statistics), as float or double.
