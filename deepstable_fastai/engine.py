@@ -147,13 +147,13 @@ def _zero(self:StatsEngine, dev):
         self.rhist,self.stage,self._slots,self._meta = None,None,{},{}
         self._ids = torch.arange(2*len(self), device=dev).unbind() # 0-d device tensors: indexing a list is no op
     self.raw.zero_()
-    nb = self.hist_range[2]+3
-    if self.do_hist and (self.rhist is None or self.rhist.shape[1]!=nb or self.rhist.device!=dev):
-        self.rhist = torch.zeros(len(self), nb, dtype=torch.long, device=dev)
-    elif self.rhist is not None: self.rhist.zero_()
     cpp = (dev.type=='cpu' and self.raw.dtype==torch.float64 and self.path in (None,'cpp')
            and kernel_path(wait=True)=='cpp')
     self._mode = 'cpp' if cpp and self.path in (None,'cpp') else 'direct' if self.path=='direct' else 'staged'
+    nb,dt,h = self.hist_range[2]+3,(torch.long if self._mode=='cpp' else torch.int32),self.rhist # int32: see below
+    if self.do_hist and (h is None or h.shape[1]!=nb or h.device!=dev or h.dtype!=dt):
+        self.rhist = torch.zeros(len(self), nb, dtype=dt, device=dev)
+    elif self.rhist is not None: self.rhist.zero_()
     self._fresh = False
 
 # %% ../nbs/02_engine.ipynb #bdce28f6
@@ -352,23 +352,33 @@ def grad_norms(self:StatsEngine, scaled:bool=False # The gradients still carry a
 
 # %% ../nbs/02_engine.ipynb #62e5ab2d
 _SYNCS = ('tolist','cpu','numpy') # item, __bool__ and __float__ dispatch `_local_scalar_dense`
+_GPU_SYNCS = {'aten.nanmedian.default', 'aten.nonzero.default', 'aten.masked_select.default', 'aten._unique2.default',
+              'aten.unique_consecutive.default', 'aten.repeat_interleave.Tensor'}
+_INDEX = {'aten.index', 'aten.index_put', 'aten.index_put_'}
+
+def _gpu_sync(func, args):
+    "Does `func` wait for a GPU where it does not wait for the CPU (an output size or an index read on the host)?"
+    if str(func) in _GPU_SYNCS: return True
+    return (str(func.overloadpacket) in _INDEX and len(args)>1 # a boolean mask index becomes a `nonzero`
+            and any(isinstance(i, torch.Tensor) and i.dtype==torch.bool for i in args[1]))
 
 class OpCounter(TorchDispatchMode):
     "Count dispatched aten ops (`ops`, `by_op`), compiled-kernel calls (`calls`) and host syncs (`syncs`) in a block"
-    def __init__(self):
+    def __init__(self, inline:bool=False): # Run the engine's compiled functions as plain PyTorch, counting their ops
         super().__init__()
-        self.ops,self.syncs,self.by_op,self._orig = 0,0,{},{}
+        self.ops,self.syncs,self.gpu_syncs,self.by_op,self._orig,self.inline = 0,0,0,{},{},inline
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1; k = str(func.overloadpacket); self.by_op[k] = self.by_op.get(k, 0)+1
         if k=='aten._local_scalar_dense': self.syncs += 1
+        elif _gpu_sync(func, args): self.gpu_syncs += 1
         return func(*args, **(kwargs or {}))
     def __enter__(self):
-        self._c0 = compiled.total; compiled.counting += 1
+        self._c0 = compiled.total; compiled.counting += 1; compiled.inline += self.inline
         for n in _SYNCS: self._orig[n] = getattr(torch.Tensor, n); setattr(torch.Tensor, n, self._wrap(n))
         return super().__enter__()
     def __exit__(self, *a):
         for n,f in self._orig.items(): setattr(torch.Tensor, n, f)
-        compiled.counting -= 1
+        compiled.counting -= 1; compiled.inline -= self.inline
         self.calls = compiled.total - self._c0
         return super().__exit__(*a)
     def _wrap(self, n):

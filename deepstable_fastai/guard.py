@@ -181,22 +181,26 @@ def _push(buf, cnt, v, anchors:int):
     buf.index_copy_(0, slot, v.to(buf.dtype).reshape(1, *buf.shape[1:]))
     cnt.add_(1)
 
+def _nanmedian(x):
+    "`x.nanmedian()` of a 1-d `x` without a host sync: CUDA's whole-tensor `nanmedian` reads its index on the host"
+    return x.nanmedian(0).values
+
 def _grad_base(buf, cnt, v, warm:int, factor:float):
     "Push gradient norm `v`; the next threshold: `factor` x the median, `inf` before `warm` pushes"
     _push(buf, cnt, v, warm)
-    return torch.where(cnt>=warm, factor*buf.nanmedian(), float('inf'))
+    return torch.where(cnt>=warm, factor*_nanmedian(buf), float('inf'))
 
 def _loss_base(buf, cnt, v, warm:int, z:float):
     "Push loss `v`; the next threshold: the median plus `z` robust std devs (and at least the median), `inf` in warm-up"
     _push(buf, cnt, v, warm)
-    med = buf.nanmedian()
-    return torch.where(cnt>=warm, med+torch.maximum(z*1.4826*(buf-med).abs().nanmedian(), med.abs()), float('inf'))
+    med = _nanmedian(buf)
+    return torch.where(cnt>=warm, med+torch.maximum(z*1.4826*_nanmedian((buf-med).abs()), med.abs()), float('inf'))
 
 def _act_base(buf, cnt, v, warm:int, factor:float):
     "Push each module's output std `v` (as its log); the next thresholds: `factor` x its median std (floored), or `inf`"
     _push(buf, cnt, v.log(), warm)
     med = buf.nanmedian(0).values
-    return torch.where(cnt>=warm, factor*torch.fmax(med, med.nanmedian()).exp(), float('inf'))
+    return torch.where(cnt>=warm, factor*torch.fmax(med, _nanmedian(med)).exp(), float('inf'))
 
 class _Baselines:
     "Running baselines of a fit (gradient norm, loss, log output std per module), their thresholds, vanishing streaks"

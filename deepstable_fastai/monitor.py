@@ -50,7 +50,7 @@ class ActivationMonitor(Callback):
         self.modules,self.names,self.buf,self.hbuf,self.pos = modules,[],None,None,None
         self.k,self.stride,self._off = 0,1,0
         self._engine,self._on,self._started,self._rec,self._upd = None,False,False,False,False
-        self._snap,self._g,self._nest = None,None,0
+        self._snap,self._g,self._nest,self._posn = None,None,0,None
 
 # %% ../nbs/05_monitor.ipynb #a49d4595
 @patch
@@ -81,6 +81,7 @@ def _start(self:ActivationMonitor):
         self.buf,self.hbuf = self.buf.to(dev),(None if self.hbuf is None else self.hbuf.to(dev))
         self._off = int(self.pos[self.k-1,0])+1 if self.k else 0
     self._k0 = self.k # records before this fit are already combined across ranks
+    self._posn = self.pos.numpy() # a view of `pos`, made once: `after_batch` writes its row with no op and no sync
     self._started,self._count,self._nan = True,0,torch.full((len(e), len(GRAD_STATS)), float('nan'), device=dev)
     if self.grads and self.updates: self._snap = [torch.empty_like(p) if p.requires_grad else None for p in e.params]
 
@@ -89,7 +90,7 @@ _NCOL = len(MONITOR_STATS)+1 # and the elements behind each record's statistics,
 @patch
 def _alloc(self:ActivationMonitor, names, dev):
     self.names,self.k,self.stride,self._off,self._logged = list(names),0,1,0,-1
-    self.pos = torch.zeros(self.cap, 4, dtype=torch.long) # on the host: written through a numpy view, no op
+    self.pos = torch.zeros(self.cap, 4, dtype=torch.long) # on the host, written through a numpy view
     self.buf = torch.full((self.cap, len(names), _NCOL), float('nan'), device=dev)
     self.hbuf = (torch.zeros(self.cap, len(names), self.bins+3, dtype=torch.int32, device=dev)
                  if self.with_hist else None)
@@ -163,7 +164,7 @@ def after_batch(self:ActivationMonitor):
     g,n = self._nan if self._g is None else self._g,self._engine.raw[:len(s),:1]
     self.buf[k].copy_(torch.cat([s[:,:len(STATS)], g, n.to(g.dtype)], 1))
     if self.hbuf is not None and (h:=self._engine.hists()) is not None: self.hbuf[k].copy_(h)
-    self.pos.numpy()[k] = self._where
+    self._posn[k] = self._where
     self.k += 1
     if self.k==self.cap: self._halve()
 
@@ -189,7 +190,7 @@ def after_fit(self:ActivationMonitor):
     if self._started: self._to_trackers()
     fitted = self._started # a training fit that ended normally or was cancelled: every rank is here
     if self._engine is not None: self._engine.release(self.learn, self)
-    self._engine,self._snap,self._g,self._nan,self._started,self._rec = None,None,None,None,False,False
+    self._engine,self._snap,self._g,self._nan,self._started,self._rec,self._posn = None,None,None,None,False,False,None
     if self.buf is not None: self.buf = self.buf.cpu()
     if self.hbuf is not None: self.hbuf = self.hbuf.cpu()
     if fitted: self._merge_ranks(getattr(self, '_k0', 0))
@@ -202,7 +203,7 @@ def remove(self:ActivationMonitor):
 @patch
 def __getstate__(self:ActivationMonitor):
     "Pickle the settings; the history only with `keep_history`"
-    d = {**self.__dict__, '_engine':None, '_snap':None, '_g':None, '_nan':None,
+    d = {**self.__dict__, '_engine':None, '_snap':None, '_g':None, '_nan':None, '_posn':None,
          '_started':False, '_rec':False, '_nest':0}
     if not self.keep_history: d.update(names=[], buf=None, hbuf=None, pos=None, k=0, stride=1, _off=0)
     return d

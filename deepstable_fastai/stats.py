@@ -145,7 +145,7 @@ def _staged(x, ln, seg, raw, near_zero:float, n:int, rh=None, lo:float=0., hi:fl
         if rh is not None:
             ok = torch.arange(x.shape[1], device=x.device, dtype=torch.int32)[None] < ln[:,None]
             valid = ok & (seg<rh.shape[0])[:,None]
-            rh = _add_hist(rh, x, torch.where(valid, seg.clamp(max=rh.shape[0]-1)[:,None], 0), valid.long(), lo, hi)
+            rh = _add_hist(rh, x, torch.where(valid, seg.clamp(max=rh.shape[0]-1)[:,None], 0), valid.to(rh.dtype), lo, hi)
         return raw,rh,_finish(raw, n) # the table rides along: one call per batch
 
 def _direct(t, i, raw, near_zero:float, rh=None, lo:float=0., hi:float=1.):
@@ -156,16 +156,18 @@ def _direct(t, i, raw, near_zero:float, rh=None, lo:float=0., hi:float=1.):
         p = torch.cat([_row_sums(x[:m*ROW].view(m, ROW), near_zero), _row_sums(tail, near_zero, lt)])
         raw = _merge_rows(raw, p, i.expand(m+1))
         if rh is None: return raw,None
-        return raw,_add_hist(rh, x, i.expand(n), torch.ones_like(x, dtype=torch.long), lo, hi)
+        return raw,_add_hist(rh, x, i.expand(n), torch.ones_like(x, dtype=rh.dtype), lo, hi)
 
 # %% ../nbs/01_stats.ipynb #7040d673
 class compiled:
     "`torch.compile(f, dynamic=True)`, built on first call, counting calls, falling back to `f` if compiling fails"
     counting = 0 # set by `OpCounter`: a call is then one counted kernel call, run outside the counter's mode
+    inline = 0 # set by `OpCounter(inline=True)`: the plain function runs, its ops counted one by one
     total = 0 # calls of every compiled function, for `OpCounter`
     def __init__(self, f): self.f,self.cf,self.calls,self.error = f,None,0,None
     def __call__(self, *args):
         self.calls += 1; compiled.total += 1
+        if compiled.inline: return self.f(*args)
         if compiled.counting:
             with _disable_current_modes(): return self._run(*args)
         return self._run(*args)
@@ -184,6 +186,7 @@ _kernels = dict(staged=compiled(_staged), direct=compiled(_direct), finish=compi
 # %% ../nbs/01_stats.ipynb #35f10f2e
 _cpp = dict(state='idle', thread=None, error=None)
 _cpp_lock = threading.Lock()
+_FLAGS = ['-O3', '-march=native']
 
 def _cpp_build():
     try:
@@ -195,8 +198,10 @@ def _cpp_build():
         h = hashlib.sha1(f'{src.read_text()}{flags}{torch.__version__}'.encode()).hexdigest()[:10]
         d = cache_dir()/'kernels'/h
         d.mkdir(parents=True, exist_ok=True)
-        load(f'deepstable_stats_{h}', [str(src)], extra_cflags=['-O3', '-march=native', '-fopenmp-simd'],
-             build_directory=str(d), is_python_module=False, verbose=False)
+        kw = dict(build_directory=str(d), is_python_module=False, verbose=False)
+        try: load(f'deepstable_stats_{h}', [str(src)], extra_cflags=_FLAGS+['-fopenmp'], extra_ldflags=['-fopenmp'], **kw)
+        except Exception: # a compiler without OpenMP (Apple's clang): the same loop, one thread per call
+            load(f'deepstable_stats_{h}_1', [str(src)], extra_cflags=_FLAGS+['-fopenmp-simd'], **kw)
         _cpp['state'] = 'ready'
     except Exception as e:
         _cpp.update(state='off', error=repr(e))

@@ -19,12 +19,22 @@ import fastai.callback.progress # `Learner.no_bar`, `no_logging`
 @pytest.fixture(autouse=True)
 def device_path(monkeypatch): monkeypatch.setenv('DEEPSTABLE_KERNEL', 'compiled')
 
+GPU_SUSPECTS = ('aten.nanmedian', 'aten.nonzero', 'aten.index', 'aten.masked_select') # named in a failure
+
 class Count(Callback):
-    "Ops, compiled calls and syncs from `before_batch` to `after_batch`, per batch, split by phase"
+    "Ops, compiled calls and syncs from `before_batch` to `CountEnd` (our `after_batch` included), per batch and phase"
     order = -100
-    def __init__(self): self.res = {True:[], False:[]}
-    def before_batch(self): self.c = OpCounter().__enter__()
-    def after_batch(self): self.c.__exit__(None, None, None); self.res[self.training].append((self.c.ops, self.c.calls, self.c.syncs))
+    def __init__(self, inline=False): self.res,self.inline,self.gpu = {True:[], False:[]},inline,{}
+    def before_batch(self): self.c = OpCounter(self.inline).__enter__()
+    def end(self):
+        c = self.c; c.__exit__(None, None, None); self.res[self.training].append((c.ops, c.calls, c.syncs))
+        if c.gpu_syncs: self.gpu.update({k:v for k,v in c.by_op.items() if k in GPU_SUSPECTS})
+
+class CountEnd(Callback):
+    "Close `Count`'s window after every callback before fastai's Recorder (order 50): the monitor writes in after_batch"
+    order = 49
+    def __init__(self, c): self.c = c
+    def after_batch(self): self.c.end()
 
 class StopAfter(Callback):
     order = 99
@@ -44,7 +54,7 @@ def xres():
 
 def measure(make, cbs, nb=3):
     "Median ops, compiled calls and syncs per training batch (the first one, which allocates, left out) and per valid batch"
-    learn = make(); c = Count(); learn.add_cb(c)
+    learn = make(); c = Count(); learn.add_cbs([c, CountEnd(c)])
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=[StopAfter(nb)]+cbs)
     med = lambda rs: [statistics.median(r[j] for r in rs) for j in range(3)]
     return med(c.res[True][1:]), med(c.res[False]), len(find_modules(learn.model))
@@ -85,3 +95,11 @@ def test_one_gradient_pass():
         learn = tiny(); c = Norms(); learn.add_cb(c)
         with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=[StopAfter(4)]+cbs)
         assert c.res[True][1:]==[1]*3, (cbs, c.res[True]) # batch 0 also measures the weights (`update_every`)
+
+@pytest.mark.parametrize('model', ['tiny', 'xresnet18'])
+def test_no_gpu_syncs(model):
+    "Nothing in the per-batch path that a CUDA device would answer with a host sync, the compiled maths included"
+    for name,cbs in CFGS.items():
+        learn = (tiny if model=='tiny' else xres)(); c = Count(inline=True); learn.add_cbs([c, CountEnd(c)])
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=[StopAfter(12)]+cbs())
+        assert not c.gpu, f'{model} {name}: ops that sync on a GPU: {c.gpu}'

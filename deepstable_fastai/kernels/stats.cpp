@@ -5,6 +5,8 @@
 // Every other device uses the torch.compile'd path in stats.py; the two are tested against each other.
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -14,6 +16,20 @@ namespace {
 // Sums are taken around a shift (the first finite element), in float32 over blocks of 2048 elements (256 per SIMD
 // lane) and then in float64, so a large mean does not cancel the variance away; the block is merged into the row
 // with Chan's formula, so a module called several times in a batch gets one exact row.
+
+// Fold raw row `b` into raw row `row` (Chan's formula for the mean and M2 of the union).
+void merge_row(double* row, const double* b) {
+  double na = row[0], nb = b[0];
+  if (nb == 0) return;
+  if (na == 0) { row[1] = b[1]; row[2] = b[2]; row[3] = b[3]; }
+  else {
+    double N = na + nb, d = b[1] - row[1];
+    row[1] += d*nb/N; row[2] += b[2] + d*d*na*nb/N;
+    row[3] = b[3] > row[3] ? b[3] : row[3];
+  }
+  row[0] += nb; for (int k = 4; k < 8; k++) row[k] += b[k];
+}
+
 template <typename T, typename Acc>
 void stats_block(const T* x, int64_t n, double nz, double* row) {
   if (n <= 0) return;
@@ -37,15 +53,10 @@ void stats_block(const T* x, int64_t n, double nz, double* row) {
       for (int64_t j = 0; j < m; j++) { bnan += y[j] != y[j]; binf += std::fabs(y[j]) == finf; }
     s += bs; q += bq; mx = bmx > mx ? bmx : mx; cnz += bnz; cz += bz; cnan += bnan; cinf += binf;
   }
-  double nb = (double)n, mb = (double)c + s/nb, m2b = q - s*s/nb, na = row[0];
-  if (m2b < 0) m2b = 0;
-  if (na == 0) { row[1] = mb; row[2] = m2b; row[3] = mx; }
-  else {
-    double N = na + nb, d = mb - row[1];
-    row[1] += d*nb/N; row[2] += m2b + d*d*na*nb/N;
-    row[3] = (double)mx > row[3] ? (double)mx : row[3];
-  }
-  row[0] += nb; row[4] += cnz; row[5] += cz; row[6] += cnan; row[7] += cinf;
+  double nb = (double)n, m2b = q - s*s/nb;
+  double b[8] = {nb, (double)c + s/nb, m2b < 0 ? 0 : m2b, (double)mx,
+                  (double)cnz, (double)cz, (double)cnan, (double)cinf};
+  merge_row(row, b);
 }
 
 // Counts of `x` in `nb` equal bins over [lo, hi] (outliers in the edge bins), then NaN, -Inf, +Inf.
@@ -86,6 +97,43 @@ void hist_block(const T* x, int64_t n, double lo, double hi, int64_t nb, int64_t
   for (int64_t j = 0; j < w; j++) { int64_t s = 0; for (int k = 0; k < K; k++) s += c[k*w + j]; h[j] += s; }
 }
 
+// Big tensors are split into one chunk per PyTorch intra-op thread (whole 2048-element blocks), each reduced into a
+// partial row (or histogram) of its own, then merged: the training around the hooks runs on every core, so a
+// one-thread loop would cost `threads` times its share. Below 256K elements per thread one thread is faster.
+constexpr int64_t kGrain = 1 << 18;
+
+int64_t n_chunks(int64_t n) {
+  if (at::in_parallel_region()) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / kGrain));
+}
+
+// Run `f(offset, count, chunk)` for each of `nt` chunks of `n` elements on PyTorch's threads.
+template <typename F>
+void run_chunks(int64_t n, int64_t nt, const F& f) {
+  int64_t len = ((n + nt - 1)/nt + 2047) / 2048 * 2048;
+  at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; p++) if (p*len < n) f(p*len, std::min(len, n - p*len), p);
+  });
+}
+
+template <typename T, typename Acc>
+void stats(const T* x, int64_t n, double nz, double* row) {
+  int64_t nt = n_chunks(n);
+  if (nt == 1) { stats_block<T, Acc>(x, n, nz, row); return; }
+  std::vector<double> part(nt*8, 0.);
+  run_chunks(n, nt, [&](int64_t o, int64_t m, int64_t p) { stats_block<T, Acc>(x + o, m, nz, &part[p*8]); });
+  for (int64_t p = 0; p < nt; p++) merge_row(row, &part[p*8]);
+}
+
+template <typename T>
+void hist(const T* x, int64_t n, double lo, double hi, int64_t nb, int64_t* h) {
+  int64_t nt = n_chunks(n), w = nb + 3;
+  if (nt == 1) { hist_block<T>(x, n, lo, hi, nb, h); return; }
+  std::vector<int64_t> part(nt*w, 0);
+  run_chunks(n, nt, [&](int64_t o, int64_t m, int64_t p) { hist_block<T>(x + o, m, lo, hi, nb, &part[p*w]); });
+  for (int64_t p = 0; p < nt; p++) for (int64_t j = 0; j < w; j++) h[j] += part[p*w + j];
+}
+
 // A view of `t` whose elements are dense in memory (order does not matter for statistics), as float or double.
 at::Tensor dense(const at::Tensor& t) {
   at::Tensor x = t;
@@ -98,8 +146,8 @@ void acc_(const at::Tensor& t, at::Tensor& raw, int64_t i, double near_zero) {
   TORCH_CHECK(raw.scalar_type() == at::kDouble && raw.is_contiguous() && raw.size(1) == 8, "raw: contiguous (rows, 8) float64");
   at::Tensor x = dense(t);
   double* row = raw.data_ptr<double>() + i*8;
-  if (x.scalar_type() == at::kFloat) stats_block<float, float>(x.data_ptr<float>(), x.numel(), near_zero, row);
-  else stats_block<double, double>(x.data_ptr<double>(), x.numel(), near_zero, row);
+  if (x.scalar_type() == at::kFloat) stats<float, float>(x.data_ptr<float>(), x.numel(), near_zero, row);
+  else stats<double, double>(x.data_ptr<double>(), x.numel(), near_zero, row);
 }
 
 void hist_(const at::Tensor& t, at::Tensor& h, int64_t i, double lo, double hi) {
@@ -107,8 +155,8 @@ void hist_(const at::Tensor& t, at::Tensor& h, int64_t i, double lo, double hi) 
   at::Tensor x = dense(t);
   int64_t nb = h.size(1) - 3;
   int64_t* row = h.data_ptr<int64_t>() + i*h.size(1);
-  if (x.scalar_type() == at::kFloat) hist_block<float>(x.data_ptr<float>(), x.numel(), lo, hi, nb, row);
-  else hist_block<double>(x.data_ptr<double>(), x.numel(), lo, hi, nb, row);
+  if (x.scalar_type() == at::kFloat) hist<float>(x.data_ptr<float>(), x.numel(), lo, hi, nb, row);
+  else hist<double>(x.data_ptr<double>(), x.numel(), lo, hi, nb, row);
 }
 
 }  // namespace
