@@ -1,18 +1,21 @@
 """GPU benchmark, made to run unattended the day a GPU is lent (under 5 minutes on one GPU).
 
-For xresnet18 and resnet50, bs 64 and 256, fp32 and fastai `MixedPrecision`: median training-step time (CUDA events,
-`--steps` steps after `--warmup`) for none / monitor / monitor+hist / guard skip / guard rollback / both / fastai
-ActivationStats, peak memory, the first fit's compile time; then the monitor and the guard under
-`torch.cuda.set_sync_debug_mode('error')` (any host sync in a training batch raises). Prints a markdown table and
-writes it to `--out`.
+For xresnet18 and resnet50, bs 64 and 256, fp32 and fastai `MixedPrecision`: median training-step time (CUDA events
+from the first `before_batch` to the last callback before fastai's Recorder, `--steps` steps after `--warmup`) for
+none / monitor / monitor+hist / guard skip / guard rollback / both / fastai ActivationStats, peak memory, the first
+fit's time and graphs compiled; then the host syncs inside this package's hooks and callback events per training
+batch, counted with `torch.cuda.set_sync_debug_mode('warn')` switched on around our code only (fastai's own syncs,
+`MixedPrecision`'s `GradScaler` for one, are not ours to count). A variant that fails gets an ERROR row and the run
+goes on; the table is rewritten after every row; past `--budget-s` seconds the remaining rows say "skipped (time)".
 `python bench/gpu.py --device cpu --quick` runs the same code on the CPU as a smoke test (tests/test_gpu_script.py).
 """
-import argparse, statistics, sys, time, warnings
+import argparse, gc, statistics, sys, time, traceback, warnings
 from pathlib import Path
-import torch, torch.nn as nn, torch.nn.functional as F
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent)) # the package from this checkout, installed or not
+import torch, torch.nn.functional as F
 warnings.filterwarnings('ignore')
 from fastai.learner import Learner
-from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.hook import ActivationStats
 from fastai.vision.models.xresnet import xresnet18
@@ -20,7 +23,9 @@ from fastai.torch_core import set_seed
 from torchvision.models import resnet50
 import torch._dynamo.utils as du
 from deepstable_fastai.monitor import ActivationMonitor
-from deepstable_fastai.guard import ExplosionGuard
+from deepstable_fastai.guard import ExplosionGuard, _GK
+from deepstable_fastai.engine import _Hook, OpCounter
+from deepstable_fastai.stats import _kernels
 
 class DeviceDL:
     "`n` batches of one fixed random batch already on the device: the loop measures the model and the callbacks only"
@@ -30,24 +35,29 @@ class DeviceDL:
         for _ in range(self.n): yield self.x,self.y
 
 class DLs:
-    def __init__(self, dl): self.train,self.valid,self.device,self.loaders = dl,DeviceDL(dl.x[:2], dl.y[:2], 1),dl.device,[dl]
+    def __init__(self, dl):
+        self.train,self.valid,self.device,self.loaders = dl,DeviceDL(dl.x[:2], dl.y[:2], 1),dl.device,[dl]
     def __getitem__(self, i): return [self.train, self.valid][i]
 
-class StepTimer(Callback):
-    "Time each training step from `before_batch` to `after_batch`: CUDA events on a GPU, the host clock elsewhere"
-    order = -100
-    def __init__(self, sync_check=False): self.t,self.ev,self.sync_check = [],[],sync_check
+class StepStart(Callback):
+    "Start timing a training step: a CUDA event on a GPU, the host clock elsewhere"
+    order,run_valid = -100,False
+    def __init__(self): self.ev,self.t = [],[]
     def before_batch(self):
-        if self.sync_check: torch.cuda.set_sync_debug_mode('error')
         if self.x.is_cuda: e = torch.cuda.Event(enable_timing=True); e.record(); self.ev.append([e])
         else: self.t0 = time.perf_counter()
-    def after_batch(self):
-        if self.x.is_cuda: e = torch.cuda.Event(enable_timing=True); e.record(); self.ev[-1].append(e)
-        else: self.t.append((time.perf_counter()-self.t0)*1e3)
-        if self.sync_check: torch.cuda.set_sync_debug_mode('default')
     def times(self):
-        if self.ev: torch.cuda.synchronize(); self.t = [a.elapsed_time(b) for a,b in self.ev]
+        if self.ev: torch.cuda.synchronize(); self.t = [p[0].elapsed_time(p[1]) for p in self.ev if len(p)==2]
         return self.t
+
+class StepEnd(Callback):
+    "End the step after every callback before fastai's Recorder (order 50): the monitor writes in `after_batch`"
+    order,run_valid = 49,False
+    def __init__(self, start): self.start = start
+    def after_batch(self):
+        s = self.start
+        if s.ev: e = torch.cuda.Event(enable_timing=True); e.record(); s.ev[-1].append(e)
+        else: s.t.append((time.perf_counter()-s.t0)*1e3)
 
 CONFIGS = {'none': lambda: [], 'monitor': lambda: [ActivationMonitor()],
            'monitor+hist': lambda: [ActivationMonitor(with_hist=True)],
@@ -63,54 +73,116 @@ def learner(arch, bs, size, n, dev, fp16):
     if fp16: learn.add_cb(MixedPrecision())
     return learn
 
+def fresh(dev):
+    "Free what earlier variants left (dead learners sit in reference cycles) before measuring memory"
+    gc.collect()
+    if dev.type=='cuda': torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats(); torch.cuda.synchronize()
+
+def compile_errors():
+    "Compiled functions that fell back to eager PyTorch (their warning is filtered out here)"
+    return sorted(k for k,c in list(_kernels.items())+list(_GK.items()) if c.error is not None)
+
 def run(arch, bs, size, fp16, name, dev, warmup, steps):
-    learn = learner(arch, bs, size, warmup+steps, dev, fp16)
-    if dev.type=='cuda': torch.cuda.reset_peak_memory_stats(); torch.cuda.synchronize()
+    fresh(dev)
+    learn = learner(arch, bs, size, warmup, dev, fp16)
     g0,t0 = du.counters['stats']['unique_graphs'],time.perf_counter()
-    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=[StepTimer()]+CONFIGS[name]()) # warm-up fit
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=CONFIGS[name]()) # warm-up fit: compiles
+    if dev.type=='cuda': torch.cuda.synchronize()
     first = time.perf_counter()-t0
-    tm = StepTimer()
-    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=[tm]+CONFIGS[name]())
-    ts = tm.times()[warmup:]
+    learn.dls.train.n = warmup+steps
+    st = StepStart()
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=[st, StepEnd(st)]+CONFIGS[name]())
+    ts = st.times()[warmup:]
     mem = torch.cuda.max_memory_allocated()/2**30 if dev.type=='cuda' else float('nan')
     return statistics.median(ts),first,du.counters['stats']['unique_graphs']-g0,mem
 
-def sync_check(arch, dev, fp16, name):
-    "Run a few training batches with host syncs turned into errors inside training batches"
-    learn = learner(arch, 64, 32, 4, dev, fp16)
+class SyncWatch(Callback):
+    "Arms `watch`ed functions on training batches after the first two (one-time uploads of index tables are left out)"
+    order = -100
+    def __init__(self): self.n,self.batches,self.armed = 0,0,False
+    def before_batch(self): self.armed = self.training and self.iter>=2; self.batches += self.armed
+    def after_fit(self): self.armed = False
+
+def watch(f, w):
+    "`f`, counting into `w.n` the host syncs it makes while `w` is armed: CUDA's own count, or `OpCounter`'s on the CPU"
+    def g(*a, **k):
+        if not w.armed: return f(*a, **k)
+        if not torch.cuda.is_available():
+            with OpCounter() as c:
+                try: return f(*a, **k)
+                finally: w.n += c.syncs+c.gpu_syncs
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter('always'); torch.cuda.set_sync_debug_mode('warn')
+            try: return f(*a, **k)
+            finally:
+                torch.cuda.set_sync_debug_mode('default')
+                w.n += sum('synchroniz' in str(r.message) for r in rec)
+    return g
+
+def sync_count(arch, dev, fp16, name, n=12):
+    "Host syncs per training batch inside this package's hooks and events (`n` batches: the update-ratio batch 8 too)"
+    fresh(dev)
+    learn,w = learner(arch, 64, 32, n, dev, fp16),SyncWatch()
+    saved = [(c, c.__dict__.get('__call__')) for c in (_Hook, ActivationMonitor, ExplosionGuard)]
+    for c,_ in saved: c.__call__ = watch(c.__call__, w) # the class's own, or the `Callback.__call__` it inherits
     try:
-        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=[StepTimer(sync_check=True)]+CONFIGS[name]())
-        return 'no sync'
-    except RuntimeError as e: return f'SYNC: {str(e).splitlines()[0][:80]}'
-    finally: torch.cuda.set_sync_debug_mode('default')
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=[w]+CONFIGS[name]())
+    finally:
+        for c,f in saved:
+            if f is None: delattr(c, '__call__')
+            else: c.__call__ = f
+    return f"{w.n/max(w.batches, 1):.2f} per batch ({w.n} in {w.batches} batches)"
+
+def err(e): return f"ERROR {type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}"
+
+def groups(a, dev):
+    "(arch, bs, fp16) in order of importance: a run cut short keeps the rows that matter most"
+    if a.quick: return [('xresnet18', 8, False)]
+    precs = [False]+([True] if dev.type=='cuda' else [])
+    return [(arch, bs, p) for bs in (64, 256) for arch in ('xresnet18', 'resnet50') for p in precs]
 
 def main(a):
-    dev = torch.device(a.device)
-    archs,bss = (['xresnet18'],[8]) if a.quick else (['xresnet18','resnet50'],[64,256])
-    precs = [False] + ([True] if dev.type=='cuda' else [])
-    out = [f"# GPU benchmark: {torch.cuda.get_device_name() if dev.type=='cuda' else 'CPU'}, torch {torch.__version__}, "
-           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n",
-           f"median ms per training step ({a.steps} steps after {a.warmup}), x none, first fit s (compiles), peak GiB\n",
-           '| model | bs | precision | callbacks | ms/step | x none | first fit s (graphs) | peak GiB |', '|---|---|---|---|---|---|---|---|']
-    for arch in archs:
+    dev,t_start = torch.device(a.device),time.perf_counter()
+    gpu = torch.cuda.get_device_name() if dev.type=='cuda' else 'CPU'
+    tf32 = f", cuDNN TF32 {torch.backends.cudnn.allow_tf32}, matmul TF32 {torch.backends.cuda.matmul.allow_tf32}" \
+           if dev.type=='cuda' else ''
+    now = time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())
+    out = [f"# GPU benchmark: {gpu}, torch {torch.__version__}{tf32}, {now}\n",
+           f"Median ms per training step ({a.steps} steps after {a.warmup}), x none, the warm-up fit's seconds and the "
+           "graphs it compiled, peak GiB.\n",
+           '| model | bs | precision | callbacks | ms/step | x none | first fit s (graphs) | peak GiB |',
+           '|---|---|---|---|---|---|---|---|']
+    def emit(row):
+        out.append(row); print(row, flush=True); Path(a.out).write_text('\n'.join(out)+'\n')
+    late = lambda: time.perf_counter()-t_start > a.budget_s
+    def section(arch, bs, fp16):
         size = 32 if arch=='xresnet18' else (64 if a.quick else 128)
-        for bs in bss:
-            for fp16 in precs:
-                base = None
-                for name in CONFIGS:
-                    ms,first,graphs,mem = run(arch, bs, size, fp16, name, dev, a.warmup, a.steps)
-                    base = base or ms
-                    out.append(f"| {arch} {size}px | {bs} | {'fp16 (MixedPrecision)' if fp16 else 'fp32'} | {name} | {ms:.2f} | "
-                               f"{ms/base:.3f}x | {first:.1f} ({graphs}) | {mem:.2f} |")
-                    print(out[-1], flush=True)
-    if dev.type=='cuda':
-        out += ['', '| sync debug mode "error" | result |', '|---|---|']
-        for name in ('monitor', 'monitor+hist', 'guard skip', 'monitor+guard'):
-            for fp16 in (False, True):
-                out.append(f"| xresnet18 {'fp16' if fp16 else 'fp32'} {name} | {sync_check('xresnet18', dev, fp16, name)} |")
-                print(out[-1], flush=True)
-    Path(a.out).write_text('\n'.join(out)+'\n')
-    print(f'\nwritten to {a.out}')
+        head,base = f"| {arch} {size}px | {bs} | {'fp16 (MixedPrecision)' if fp16 else 'fp32'} |",None
+        for name in CONFIGS:
+            if late(): emit(f"{head} {name} | skipped (time) | | | |"); continue
+            try:
+                ms,first,graphs,mem = run(arch, bs, size, fp16, name, dev, a.warmup, a.steps)
+                if name=='none': base = ms
+                ratio = f"{ms/base:.3f}x" if base else '-'
+                errs = compile_errors()
+                emit(f"{head} {name} | {ms:.2f} | {ratio} | {first:.1f} ({graphs}) | {mem:.2f} |"
+                     + (f" eager fallback: {', '.join(errs)}" if errs else ''))
+            except Exception as e:
+                traceback.print_exc()
+                emit(f"{head} {name} | {err(e)} | | | |")
+    gs = groups(a, dev)
+    section(*gs[0])
+    out.extend(['', '| host syncs inside our hooks and events, xresnet18 bs 64 | result |', '|---|---|'])
+    for name in ('monitor', 'monitor+hist', 'guard skip', 'monitor+guard'):
+        for fp16 in ((False, True) if dev.type=='cuda' else (False,)):
+            exp = 1 if 'guard' in name else 0
+            what = f"| {'fp16' if fp16 else 'fp32'} {name} (expected: {exp}) |"
+            try: emit(f"{what} {'skipped (time)' if late() else sync_count('xresnet18', dev, fp16, name)} |")
+            except Exception as e: emit(f"{what} {err(e)} |")
+    out.extend(['', '| model | bs | precision | callbacks | ms/step | x none | first fit s (graphs) | peak GiB |',
+                '|---|---|---|---|---|---|---|---|'])
+    for g in gs[1:]: section(*g)
+    print(f'\nwritten to {a.out} in {time.perf_counter()-t_start:.0f} s')
 
 if __name__=='__main__':
     ap = argparse.ArgumentParser()
@@ -118,7 +190,8 @@ if __name__=='__main__':
     ap.add_argument('--quick', action='store_true', help='one small model, few steps (smoke test)')
     ap.add_argument('--warmup', type=int, default=10)
     ap.add_argument('--steps', type=int, default=50)
+    ap.add_argument('--budget-s', type=float, default=270, help='rows not started by then are marked skipped')
     ap.add_argument('--out', default='bench/gpu_results.md')
     a = ap.parse_args()
-    if a.device=='cuda' and not torch.cuda.is_available(): sys.exit('no CUDA device: run with --device cpu for a smoke test')
+    if a.device=='cuda' and not torch.cuda.is_available(): sys.exit('no CUDA device: --device cpu runs a smoke test')
     main(a)
