@@ -79,8 +79,8 @@ def fresh(dev):
     if dev.type=='cuda': torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats(); torch.cuda.synchronize()
 
 def compile_errors():
-    "Compiled functions that fell back to eager PyTorch (their warning is filtered out here)"
-    return sorted(k for k,c in list(_kernels.items())+list(_GK.items()) if c.error is not None)
+    "Compiled functions that fell back to eager PyTorch so far (their warning is filtered out here)"
+    return {k for k,c in list(_kernels.items())+list(_GK.items()) if c.error is not None}
 
 def run(arch, bs, size, fp16, name, dev, warmup, steps):
     fresh(dev)
@@ -88,25 +88,30 @@ def run(arch, bs, size, fp16, name, dev, warmup, steps):
     g0,t0 = du.counters['stats']['unique_graphs'],time.perf_counter()
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=CONFIGS[name]()) # warm-up fit: compiles
     if dev.type=='cuda': torch.cuda.synchronize()
-    first = time.perf_counter()-t0
+    first,graphs = time.perf_counter()-t0,du.counters['stats']['unique_graphs']-g0
     learn.dls.train.n = warmup+steps
     st = StepStart()
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=[st, StepEnd(st)]+CONFIGS[name]())
     ts = st.times()[warmup:]
     mem = torch.cuda.max_memory_allocated()/2**30 if dev.type=='cuda' else float('nan')
-    return statistics.median(ts),first,du.counters['stats']['unique_graphs']-g0,mem
+    return statistics.median(ts),first,graphs,mem
 
 class SyncWatch(Callback):
     "Arms `watch`ed functions on training batches after the first two (one-time uploads of index tables are left out)"
     order = -100
-    def __init__(self): self.n,self.batches,self.armed = 0,0,False
+    def __init__(self): self.n,self.batches,self.armed,self.depth = 0,0,False,0
     def before_batch(self): self.armed = self.training and self.iter>=2; self.batches += self.armed
+    def after_train(self): self.armed = False # once-per-epoch work is not per-batch cost
     def after_fit(self): self.armed = False
 
 def watch(f, w):
     "`f`, counting into `w.n` the host syncs it makes while `w` is armed: CUDA's own count, or `OpCounter`'s on the CPU"
     def g(*a, **k):
-        if not w.armed: return f(*a, **k)
+        if not w.armed or w.depth: return f(*a, **k) # a hook inside one of our events: the outer call counts
+        w.depth += 1
+        try: return counted(*a, **k)
+        finally: w.depth -= 1
+    def counted(*a, **k):
         if not torch.cuda.is_available():
             with OpCounter() as c:
                 try: return f(*a, **k)
@@ -123,6 +128,7 @@ def sync_count(arch, dev, fp16, name, n=12):
     "Host syncs per training batch inside this package's hooks and events (`n` batches: the update-ratio batch 8 too)"
     fresh(dev)
     learn,w = learner(arch, 64, 32, n, dev, fp16),SyncWatch()
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=CONFIGS[name]()) # compiles and autotunes, unwatched
     saved = [(c, c.__dict__.get('__call__')) for c in (_Hook, ActivationMonitor, ExplosionGuard)]
     for c,_ in saved: c.__call__ = watch(c.__call__, w) # the class's own, or the `Callback.__call__` it inherits
     try:
@@ -161,12 +167,13 @@ def main(a):
         for name in CONFIGS:
             if late(): emit(f"{head} {name} | skipped (time) | | | |"); continue
             try:
+                e0 = compile_errors()
                 ms,first,graphs,mem = run(arch, bs, size, fp16, name, dev, a.warmup, a.steps)
                 if name=='none': base = ms
                 ratio = f"{ms/base:.3f}x" if base else '-'
-                errs = compile_errors()
+                errs = sorted(compile_errors()-e0)
                 emit(f"{head} {name} | {ms:.2f} | {ratio} | {first:.1f} ({graphs}) | {mem:.2f} |"
-                     + (f" eager fallback: {', '.join(errs)}" if errs else ''))
+                     + (f" eager fallback from here on: {', '.join(errs)}" if errs else ''))
             except Exception as e:
                 traceback.print_exc()
                 emit(f"{head} {name} | {err(e)} | | | |")

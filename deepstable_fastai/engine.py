@@ -245,7 +245,7 @@ def stats(self:StatsEngine):
 
 @patch
 def hists(self:StatsEngine):
-    "This batch's `(n_modules, bins+3)` histogram counts, or `None` if none were recorded"
+    "This batch's `(n_modules, bins+3)` histogram counts (int64 from the C++ op, int32 compiled), or `None`"
     if self._lay: self._flush()
     return self.rhist if self.order and self.do_hist else None
 
@@ -353,7 +353,8 @@ def grad_norms(self:StatsEngine, scaled:bool=False # The gradients still carry a
 # %% ../nbs/02_engine.ipynb #62e5ab2d
 _SYNCS = ('tolist','cpu','numpy') # item, __bool__ and __float__ dispatch `_local_scalar_dense`
 _GPU_SYNCS = {'aten.nanmedian.default', 'aten.nonzero.default', 'aten.masked_select.default', 'aten._unique2.default',
-              'aten.unique_consecutive.default', 'aten.repeat_interleave.Tensor'}
+              'aten._unique.default', 'aten.unique_dim.default', 'aten.unique_consecutive.default',
+              'aten.repeat_interleave.Tensor', 'aten.bincount.default', 'aten.equal.default'}
 _INDEX = {'aten.index', 'aten.index_put', 'aten.index_put_'}
 
 def _gpu_sync(func, args):
@@ -363,7 +364,7 @@ def _gpu_sync(func, args):
             and any(isinstance(i, torch.Tensor) and i.dtype==torch.bool for i in args[1]))
 
 class OpCounter(TorchDispatchMode):
-    "Count dispatched aten ops (`ops`, `by_op`), compiled-kernel calls (`calls`) and host syncs (`syncs`) in a block"
+    "Count aten ops (`ops`, `by_op`), compiled calls (`calls`), host syncs (`syncs`) and GPU-only ones (`gpu_syncs`)"
     def __init__(self, inline:bool=False): # Run the engine's compiled functions as plain PyTorch, counting their ops
         super().__init__()
         self.ops,self.syncs,self.gpu_syncs,self.by_op,self._orig,self.inline = 0,0,0,{},{},inline

@@ -182,8 +182,9 @@ def _push(buf, cnt, v, anchors:int):
     cnt.add_(1)
 
 def _nanmedian(x):
-    "`x.nanmedian()` of a 1-d `x` without a host sync: CUDA's whole-tensor `nanmedian` reads its index on the host"
-    return x.nanmedian(0).values
+    "`x.nanmedian(0).values` from a sort: on CUDA `nanmedian` syncs (whole tensor) or is nondeterministic (along a dim)"
+    k = ((x==x).sum(0, keepdim=True)-1).clamp_min(0)//2 # the lower median of the non-NaN values; NaN sorts last
+    return x.sort(0).values.gather(0, k).squeeze(0)
 
 def _grad_base(buf, cnt, v, warm:int, factor:float):
     "Push gradient norm `v`; the next threshold: `factor` x the median, `inf` before `warm` pushes"
@@ -199,7 +200,7 @@ def _loss_base(buf, cnt, v, warm:int, z:float):
 def _act_base(buf, cnt, v, warm:int, factor:float):
     "Push each module's output std `v` (as its log); the next thresholds: `factor` x its median std (floored), or `inf`"
     _push(buf, cnt, v.log(), warm)
-    med = buf.nanmedian(0).values
+    med = _nanmedian(buf)
     return torch.where(cnt>=warm, factor*torch.fmax(med, _nanmedian(med)).exp(), float('inf'))
 
 class _Baselines:

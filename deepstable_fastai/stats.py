@@ -145,7 +145,8 @@ def _staged(x, ln, seg, raw, near_zero:float, n:int, rh=None, lo:float=0., hi:fl
         if rh is not None:
             ok = torch.arange(x.shape[1], device=x.device, dtype=torch.int32)[None] < ln[:,None]
             valid = ok & (seg<rh.shape[0])[:,None]
-            rh = _add_hist(rh, x, torch.where(valid, seg.clamp(max=rh.shape[0]-1)[:,None], 0), valid.to(rh.dtype), lo, hi)
+            g = torch.where(valid, seg.clamp(max=rh.shape[0]-1)[:,None], 0)
+            rh = _add_hist(rh, x, g, valid.to(rh.dtype), lo, hi)
         return raw,rh,_finish(raw, n) # the table rides along: one call per batch
 
 def _direct(t, i, raw, near_zero:float, rh=None, lo:float=0., hi:float=1.):
@@ -198,10 +199,15 @@ def _cpp_build():
         h = hashlib.sha1(f'{src.read_text()}{flags}{torch.__version__}'.encode()).hexdigest()[:10]
         d = cache_dir()/'kernels'/h
         d.mkdir(parents=True, exist_ok=True)
-        kw = dict(build_directory=str(d), is_python_module=False, verbose=False)
-        try: load(f'deepstable_stats_{h}', [str(src)], extra_cflags=_FLAGS+['-fopenmp'], extra_ldflags=['-fopenmp'], **kw)
-        except Exception: # a compiler without OpenMP (Apple's clang): the same loop, one thread per call
-            load(f'deepstable_stats_{h}_1', [str(src)], extra_cflags=_FLAGS+['-fopenmp-simd'], **kw)
+        def build(name, cflags, ldflags=()):
+            load(name, [str(src)], extra_cflags=_FLAGS+cflags, extra_ldflags=list(ldflags), build_directory=str(d),
+                 is_python_module=False, verbose=False)
+        omp = next(Path(torch.__file__).parent.glob('lib/libgomp*.so*'), None) # torch's own OpenMP: one thread pool
+        one = d/f'deepstable_stats_{h}_1.so' # the single-threaded build, made where the OpenMP one failed before
+        if not one.exists():
+            try: build(f'deepstable_stats_{h}', ['-fopenmp'], [str(omp)] if omp else ['-fopenmp']); one = None
+            except Exception: pass # a compiler without OpenMP (Apple's clang): the same loop, one thread per call
+        if one is not None: build(f'deepstable_stats_{h}_1', ['-fopenmp-simd'])
         _cpp['state'] = 'ready'
     except Exception as e:
         _cpp.update(state='off', error=repr(e))

@@ -19,16 +19,30 @@ import fastai.callback.progress # `Learner.no_bar`, `no_logging`
 @pytest.fixture(autouse=True)
 def device_path(monkeypatch): monkeypatch.setenv('DEEPSTABLE_KERNEL', 'compiled')
 
-GPU_SUSPECTS = ('aten.nanmedian', 'aten.nonzero', 'aten.index', 'aten.masked_select') # named in a failure
+GPU_SUSPECTS = ('aten.nanmedian', 'aten.nonzero', 'aten.index', 'aten.index_put_', 'aten.masked_select',
+                'aten._unique2') # named in a failure message
 
 class Count(Callback):
     "Ops, compiled calls and syncs from `before_batch` to `CountEnd` (our `after_batch` included), per batch and phase"
     order = -100
     def __init__(self, inline=False): self.res,self.inline,self.gpu = {True:[], False:[]},inline,{}
-    def before_batch(self): self.c = OpCounter(self.inline).__enter__()
+    def before_batch(self): self.c,self.open = OpCounter(self.inline).__enter__(),True
     def end(self):
-        c = self.c; c.__exit__(None, None, None); self.res[self.training].append((c.ops, c.calls, c.syncs))
-        if c.gpu_syncs: self.gpu.update({k:v for k,v in c.by_op.items() if k in GPU_SUSPECTS})
+        c = self.c; c.__exit__(None, None, None); self.open = False
+        self.res[self.training].append((c.ops, c.calls, c.syncs))
+        if c.gpu_syncs: # the total, and the suspects by name for the failure message
+            self.gpu['total'] = self.gpu.get('total', 0)+c.gpu_syncs
+            self.gpu.update({k:v for k,v in c.by_op.items() if k in GPU_SUSPECTS})
+    def close(self):
+        "Close a window a fit left open (it raised): the counter's mode must not stay on for the next test"
+        if getattr(self, 'open', False): self.c.__exit__(None, None, None); self.open = False
+
+def fit_counted(learn, c, cbs):
+    "Fit one epoch with `Count` `c` (and its `CountEnd`) on, closing its window whatever happens"
+    learn.add_cbs([c, CountEnd(c)])
+    try:
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=cbs)
+    finally: c.close()
 
 class CountEnd(Callback):
     "Close `Count`'s window after every callback before fastai's Recorder (order 50): the monitor writes in after_batch"
@@ -54,8 +68,8 @@ def xres():
 
 def measure(make, cbs, nb=3):
     "Median ops, compiled calls and syncs per training batch (the first one, which allocates, left out) and per valid batch"
-    learn = make(); c = Count(); learn.add_cbs([c, CountEnd(c)])
-    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=[StopAfter(nb)]+cbs)
+    learn,c = make(),Count()
+    fit_counted(learn, c, [StopAfter(nb)]+cbs)
     med = lambda rs: [statistics.median(r[j] for r in rs) for j in range(3)]
     return med(c.res[True][1:]), med(c.res[False]), len(find_modules(learn.model))
 
@@ -89,7 +103,7 @@ def test_one_gradient_pass():
     "The guard and the monitor together read the gradients once per batch: one `_foreach_norm`"
     class Norms(Count):
         def after_batch(self):
-            self.c.__exit__(None, None, None)
+            self.c.__exit__(None, None, None); self.open = False
             if self.training: self.res[True].append(self.c.by_op.get('aten._foreach_norm', 0))
     for cbs in ([ExplosionGuard('skip')], [ActivationMonitor()], [ActivationMonitor(), ExplosionGuard('skip')]):
         learn = tiny(); c = Norms(); learn.add_cb(c)
@@ -100,6 +114,6 @@ def test_one_gradient_pass():
 def test_no_gpu_syncs(model):
     "Nothing in the per-batch path that a CUDA device would answer with a host sync, the compiled maths included"
     for name,cbs in CFGS.items():
-        learn = (tiny if model=='tiny' else xres)(); c = Count(inline=True); learn.add_cbs([c, CountEnd(c)])
-        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=[StopAfter(12)]+cbs())
+        c = Count(inline=True)
+        fit_counted((tiny if model=='tiny' else xres)(), c, [StopAfter(12)]+cbs())
         assert not c.gpu, f'{model} {name}: ops that sync on a GPU: {c.gpu}'

@@ -5,7 +5,7 @@ from pathlib import Path
 def test_gpu_script_runs_on_cpu(tmp_path):
     out = tmp_path/'gpu.md'
     r = subprocess.run([sys.executable, 'bench/gpu.py', '--device', 'cpu', '--quick', '--warmup', '1', '--steps', '2',
-                        '--out', str(out)], capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
+                        '--budget-s', '1e9', '--out', str(out)], capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
     assert r.returncode==0, r.stderr[-2000:]
     rows = [l for l in out.read_text().splitlines() if l.startswith('| xresnet18')]
     assert [l.split('|')[4].strip() for l in rows] == ['none', 'monitor', 'monitor+hist', 'guard skip', 'guard rollback',
