@@ -13,7 +13,7 @@
 namespace {
 
 // Raw row layout, float64: [n, mean, M2, absmax, n_near_zero, n_zero, n_nan, n_inf].
-// Sums are taken around a shift (the first finite element), in float32 over blocks of 2048 elements (256 per SIMD
+// Sums are taken around a shift (the first finite element), in float64 over blocks of 2048 elements (256 per SIMD
 // lane) and then in float64, so a large mean does not cancel the variance away; the block is merged into the row
 // with Chan's formula, so a module called several times in a batch gets one exact row.
 
@@ -146,7 +146,7 @@ void acc_(const at::Tensor& t, at::Tensor& raw, int64_t i, double near_zero) {
   TORCH_CHECK(raw.scalar_type() == at::kDouble && raw.is_contiguous() && raw.size(1) == 8, "raw: contiguous (rows, 8) float64");
   at::Tensor x = dense(t);
   double* row = raw.data_ptr<double>() + i*8;
-  if (x.scalar_type() == at::kFloat) stats<float, float>(x.data_ptr<float>(), x.numel(), near_zero, row);
+  if (x.scalar_type() == at::kFloat) stats<float, double>(x.data_ptr<float>(), x.numel(), near_zero, row);
   else stats<double, double>(x.data_ptr<double>(), x.numel(), near_zero, row);
 }
 
