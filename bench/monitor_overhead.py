@@ -1,6 +1,6 @@
 """Cost of `ActivationMonitor` vs no callback and fastai's `ActivationStats`: process CPU time per fit (whole epochs,
 validation included, or `--batches` training batches), as paired ratios, and the CPU time spent inside each callback's
-own hooks and events (the hooks' time in validation included, per training batch)."""
+own hooks and events (every event, per-fit ones included, and the hooks' time in validation, per training batch)."""
 import argparse, os, random, statistics, time, warnings
 import torch, torch.nn.functional as F
 from fastai.vision.all import *
@@ -27,7 +27,7 @@ VARIANTS = {
     'ActivationMonitor() default': lambda: [ActivationMonitor()],
     'ActivationMonitor(with_hist=True)': lambda: [ActivationMonitor(with_hist=True)],
     'ActivationMonitor(grads=False) activations only': lambda: [ActivationMonitor(grads=False)],
-    'ActivationMonitor(update_every=32)': lambda: [ActivationMonitor(update_every=32)],
+    'ActivationMonitor(update_sample=0) update ratio on every element': lambda: [ActivationMonitor(update_sample=0)],
 }
 
 class SelfTime:
@@ -46,13 +46,20 @@ class SelfTime:
     def __exit__(self, *a):
         for cls,name,f in self.saved: setattr(cls, name, f)
 
+def events(cls):
+    "`(class, name)` of every event `cls` handles, at the class that defines it (a `super()` call is not counted twice)"
+    from fastai.callback.core import _events
+    res = []
+    for ev in _events:
+        c = next((c for c in cls.__mro__ if ev in c.__dict__), None)
+        if c is not None and c is not Callback: res.append((c, ev))
+    return res
+
 def self_targets(k):
+    "The hooks and every event of the variant's callback: per-fit work (hooking, allocating, after_fit) included"
     from fastai.callback.hook import Hook
-    from deepstable_fastai.engine import StatsEngine
-    if k.startswith('fastai'): return [(Hook,'hook_fn'), (ActivationStats,'after_batch')]
-    if k.startswith('ActivationMonitor'):
-        evs = ('before_batch','before_step','after_step','after_batch')
-        return [(_Hook,'__call__')]+[(ActivationMonitor,o) for o in evs]
+    if k.startswith('fastai'): return [(Hook,'hook_fn')]+events(ActivationStats)
+    if k.startswith('ActivationMonitor'): return [(_Hook,'__call__')]+events(ActivationMonitor)
     return []
 
 def make(model):

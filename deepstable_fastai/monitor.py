@@ -31,8 +31,9 @@ class ActivationMonitor(Callback):
                  modules=None, # Modules or qualified names to hook; `None`: leaves with parameters, plus activations
                  every:int=1, # Record one training batch in `every`
                  grads:bool=True, # Record gradient norm, weight norm and update ratio of modules with parameters
-                 updates:bool=True, # Measure the update ratio (keeps a copy of the trained weights during a fit)
+                 updates:bool=True, # Measure the update ratio (keeps a sample of the trained weights during a fit)
                  update_every:int=8, # Measure weight norm and update ratio on one recorded batch in `update_every`
+                 update_sample:int=16384, # Elements of each parameter the update ratio is measured on; 0: all
                  with_hist:bool=False, # Record a histogram of each output
                  hist_range:tuple=(-10.,10.), # Range of the histogram bins; values outside go to the edge bins
                  bins:int=40, # Equal bins over `hist_range` (NaN, -Inf and +Inf get three more)
@@ -42,6 +43,7 @@ class ActivationMonitor(Callback):
                  keep_history:bool=False): # Pickle (`learn.export()`) the history too, not only the settings
         if every<1: raise ValueError(f"`every` must be >= 1, got {every!r}")
         if update_every<1: raise ValueError(f"`update_every` must be >= 1, got {update_every!r}")
+        if update_sample<0: raise ValueError(f"`update_sample` must be >= 0, got {update_sample!r}")
         if cap<2 or cap%2: raise ValueError(f"`cap` must be an even number >= 2, got {cap!r}")
         if not 1<=bins<=4096 or not hist_range[0]<hist_range[1]:
             raise ValueError(f"`bins` (1 to 4096) and `hist_range` must describe at least one bin, "
@@ -83,7 +85,7 @@ def _start(self:ActivationMonitor):
     self._k0 = self.k # records before this fit are already combined across ranks
     self._posn = self.pos.numpy() # a view of `pos`, made once: `after_batch` writes its row with no op and no sync
     self._started,self._count,self._nan = True,0,torch.full((len(e), len(GRAD_STATS)), float('nan'), device=dev)
-    if self.grads and self.updates: self._snap = [torch.empty_like(p) if p.requires_grad else None for p in e.params]
+    self._snap = None # the update sample, made at the first update batch
 
 _NCOL = len(MONITOR_STATS)+1 # and the elements behind each record's statistics, for the merge across ranks
 
@@ -124,10 +126,51 @@ def _per_param(self:ActivationMonitor, v):
     full[self._live] = v.to(dev).float(); has[self._live] = True
     return self._engine.module_norms(full, has)
 
+
+# %% ../nbs/05_monitor.ipynb #68bd1f57
+def _flat(p):
+    "The elements of `p` in memory order, as a 1-D view, or `None` when they are not dense in memory"
+    t,e = p.detach(),1
+    for s,n in sorted((s,n) for n,s in zip(t.shape, t.stride()) if n>1):
+        if s!=e: return None
+        e *= n
+    return t.as_strided((t.numel(),), (1,))
+
+class _UpdateSample:
+    "Views of a fixed sample of each of `ps` (at most `k` elements, in `runs` runs; 0: all) and a copy of them"
+    def __init__(self, ps, k:int, runs:int=256):
+        self.src,sc = [],[]
+        for p in ps:
+            f,n = _flat(p),p.numel()
+            if f is None: f = p.detach() # not dense in memory: measured whole
+            elif k and n>k:
+                r = min(runs, k); m = k//r
+                f = f.as_strided((r, m), ((n-m)//max(r-1, 1), 1))
+            self.src.append(f); sc.append(n/f.numel())
+        self.dst = [torch.empty(f.shape, dtype=f.dtype, device=f.device) for f in self.src]
+        self.scale = torch.tensor(sc, device=self.dst[0].device).sqrt() if ps else None
+        self.key = [p.data_ptr() for p in ps] # a parameter given new storage makes a new sample
+    def take(self): torch._foreach_copy_(self.dst, self.src)
+    def steps(self):
+        "Estimated L2 norm of each parameter's step since `take`"
+        torch._foreach_sub_(self.dst, self.src) # the copy becomes the step taken: no new memory
+        return torch.stack(torch._foreach_norm(self.dst)).float()*self.scale
+    @property
+    def nbytes(self): return sum(t.numel()*t.element_size() for t in self.dst)
+
+# %% ../nbs/05_monitor.ipynb #0daf5697
+@patch
+def _sample(self:ActivationMonitor, src):
+    "The update sample of the trained parameters `src`, made again when they change"
+    s = self._snap
+    if s is None or len(s.src)!=len(src) or s.key!=[p.data_ptr() for p in src]:
+        s = self._snap = _UpdateSample(src, self.update_sample)
+    return s
+
 # %% ../nbs/05_monitor.ipynb #63f2cbf9
 @patch
 def before_step(self:ActivationMonitor):
-    "Gradient norms; on update batches also weight norms and a copy of the weights"
+    "Gradient norms; on update batches also weight norms and a copy of the sampled weights"
     if not (self._rec and self.grads): return
     e = self._engine
     s = _loss_scale(self.learn)
@@ -139,7 +182,7 @@ def before_step(self:ActivationMonitor):
     src = [e.params[j] for j in self._live]
     if not src: return
     with torch.no_grad():
-        if self.updates: torch._foreach_copy_([self._snap[j] for j in self._live], src)
+        if self.updates: self._sample(src).take()
         self._g[:,1] = self._per_param(torch.stack(torch._foreach_norm(src)).float())
 
 # %% ../nbs/05_monitor.ipynb #b47618fc
@@ -147,11 +190,8 @@ def before_step(self:ActivationMonitor):
 def after_step(self:ActivationMonitor):
     "Update-to-weight ratio of the step just taken"
     if not (self._rec and self._upd and self.grads and self.updates and self._g is not None): return
-    e = self._engine
-    src,old = [e.params[j] for j in self._live],[self._snap[j] for j in self._live]
-    if not src: return
-    with torch.no_grad(): torch._foreach_sub_(old, src) # the copy becomes the step taken: no new memory
-    self._g[:,2] = self._per_param(torch.stack(torch._foreach_norm(old)).float())/self._g[:,1]
+    if not self._live: return
+    with torch.no_grad(): self._g[:,2] = self._per_param(self._snap.steps())/self._g[:,1]
 
 # %% ../nbs/05_monitor.ipynb #da5ce04e
 @patch

@@ -117,3 +117,30 @@ def test_no_gpu_syncs(model):
         c = Count(inline=True)
         fit_counted((tiny if model=='tiny' else xres)(), c, [StopAfter(12)]+cbs())
         assert not c.gpu, f'{model} {name}: ops that sync on a GPU: {c.gpu}'
+
+class Fault(Callback):
+    "Make training batch `at` non-finite: one sample of its input (`'input'`), or a gradient (`'grad'`)"
+    order = -90
+    def __init__(self, at, where): self.at,self.where = at,where
+    def before_batch(self):
+        if self.where=='input' and self.training and self.iter==self.at:
+            x = self.xb[0].clone(); x[3] = float('nan'); self.learn.xb = (x,)
+    def after_backward(self):
+        if self.where=='grad' and self.iter==self.at: next(self.learn.model.parameters()).grad[0] = float('nan')
+
+@pytest.mark.parametrize('where', ['input', 'grad'])
+def test_anomaly_syncs(where):
+    "The guard's anomaly paths (blame, skip, rollback): host reads on the faulty batch that do not grow with the model"
+    for action in ('skip', 'rollback'):
+        at_fault = {}
+        for n in (8, 32):
+            g,c = ExplosionGuard(action, drop_bad_samples=True, verbose=False),Count(inline=True)
+            fit_counted(tiny(n), c, [StopAfter(8), Fault(4, where), g])
+            syncs = [r[2] for r in c.res[True]]
+            assert [e['iter'] for e in g.events]==[4], g.events
+            if where=='input': assert g.bad_samples and len(g.bad_samples)==1, g.bad_samples # blamed: one sample
+            assert syncs[:4]==[1]*4 and syncs[5:]==[1]*3, (action, n, syncs) # one read per batch, after it too
+            assert not c.gpu, (action, n, c.gpu)
+            at_fault[n] = syncs[4]
+        # the decision, then one read per replay of the sample search (log2 of the batch size, both halves)
+        assert at_fault[8]==at_fault[32]<=(1 if where=='grad' else 2+2*6), (action, at_fault)

@@ -31,7 +31,7 @@ void merge_row(double* row, const double* b) {
   row[0] += nb; for (int k = 4; k < 8; k++) row[k] += b[k];
 }
 
-template <typename T, typename Acc>
+template <typename T>
 void stats_block(const T* x, int64_t n, double nz, double* row) {
   if (n <= 0) return;
   T c = 0;
@@ -41,10 +41,10 @@ void stats_block(const T* x, int64_t n, double nz, double* row) {
   for (int64_t i0 = 0; i0 < n; i0 += 2048) {
     int64_t m = n - i0 < 2048 ? n - i0 : 2048;
     const T* y = x + i0;
-    Acc bs = 0, bq = 0; T bmx = 0; int32_t bnz = 0, bz = 0, bnan = 0, binf = 0;
+    double bs = 0, bq = 0; T bmx = 0; int32_t bnz = 0, bz = 0, bnan = 0, binf = 0;
     #pragma omp simd reduction(+:bs,bq,bnz,bz) reduction(max:bmx)
     for (int64_t j = 0; j < m; j++) {
-      T v = y[j], a = std::fabs(v); Acc d = (Acc)(v - c);
+      T v = y[j], a = std::fabs(v); double d = (double)(v - c);
       bs += d; bq += d*d; bmx = a > bmx ? a : bmx;  // NaN never wins a comparison: absmax ignores NaN
       bnz += a <= fnz; bz += v == 0;
     }
@@ -117,12 +117,12 @@ void run_chunks(int64_t n, int64_t nt, const F& f) {
   });
 }
 
-template <typename T, typename Acc>
+template <typename T>
 void stats(const T* x, int64_t n, double nz, double* row) {
   int64_t nt = n_chunks(n);
-  if (nt == 1) { stats_block<T, Acc>(x, n, nz, row); return; }
+  if (nt == 1) { stats_block<T>(x, n, nz, row); return; }
   std::vector<double> part(nt*8, 0.);
-  run_chunks(n, nt, [&](int64_t o, int64_t m, int64_t p) { stats_block<T, Acc>(x + o, m, nz, &part[p*8]); });
+  run_chunks(n, nt, [&](int64_t o, int64_t m, int64_t p) { stats_block<T>(x + o, m, nz, &part[p*8]); });
   for (int64_t p = 0; p < nt; p++) merge_row(row, &part[p*8]);
 }
 
@@ -147,8 +147,8 @@ void acc_(const at::Tensor& t, at::Tensor& raw, int64_t i, double near_zero) {
   TORCH_CHECK(raw.scalar_type() == at::kDouble && raw.is_contiguous() && raw.size(1) == 8, "raw: contiguous (rows, 8) float64");
   at::Tensor x = dense(t);
   double* row = raw.data_ptr<double>() + i*8;
-  if (x.scalar_type() == at::kFloat) stats<float, double>(x.data_ptr<float>(), x.numel(), near_zero, row);
-  else stats<double, double>(x.data_ptr<double>(), x.numel(), near_zero, row);
+  if (x.scalar_type() == at::kFloat) stats<float>(x.data_ptr<float>(), x.numel(), near_zero, row);
+  else stats<double>(x.data_ptr<double>(), x.numel(), near_zero, row);
 }
 
 void hist_(const at::Tensor& t, at::Tensor& h, int64_t i, double lo, double hi) {
