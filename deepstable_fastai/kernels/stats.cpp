@@ -14,7 +14,8 @@ namespace {
 
 // Raw row layout, float64: [n, mean, M2, absmax, n_near_zero, n_zero, n_nan, n_inf].
 // Sums are taken around a shift (the first finite element), in float64 (float32 block sums lost 3e-5 relative on
-// fp16 data with outliers), over blocks of 2048 elements, so a large mean does not cancel the variance away, and a
+// fp16 data with outliers, and overflowed on finite values past 1e19; at one thread float64 costs 4-20% of the loop,
+// bench/README.md), over blocks of 2048 elements, so a large mean does not cancel the variance away, and a
 // block's sums tell whether it holds NaN or Inf; the block is merged into the row
 // with Chan's formula, so a module called several times in a batch gets one exact row.
 
