@@ -6,7 +6,7 @@ Docs: https://deepstable.github.io/deepstable-fastai/monitor.html.md"""
 
 # %% ../nbs/05_monitor.ipynb #e24a5a64
 from __future__ import annotations
-import math, torch, numpy as np, pandas as pd
+import math, torch, torch.nn as nn, numpy as np, pandas as pd
 from fastcore.basics import patch, store_attr
 from fastcore.foundation import L
 from fastai.callback.core import Callback
@@ -33,7 +33,7 @@ class ActivationMonitor(Callback):
                  grads:bool=True, # Record gradient norm, weight norm and update ratio of modules with parameters
                  updates:bool=True, # Measure the update ratio (keeps a sample of the trained weights during a fit)
                  update_every:int=8, # Measure weight norm and update ratio on one recorded batch in `update_every`
-                 update_sample:int=16384, # Elements of each parameter the update ratio is measured on; 0: all
+                 update_sample:int=16384, # Most elements of a parameter the update ratio is measured on; 0: all
                  with_hist:bool=False, # Record a histogram of each output
                  hist_range:tuple=(-10.,10.), # Range of the histogram bins; values outside go to the edge bins
                  bins:int=40, # Equal bins over `hist_range` (NaN, -Inf and +Inf get three more)
@@ -43,7 +43,8 @@ class ActivationMonitor(Callback):
                  keep_history:bool=False): # Pickle (`learn.export()`) the history too, not only the settings
         if every<1: raise ValueError(f"`every` must be >= 1, got {every!r}")
         if update_every<1: raise ValueError(f"`update_every` must be >= 1, got {update_every!r}")
-        if update_sample<0: raise ValueError(f"`update_sample` must be >= 0, got {update_sample!r}")
+        if not isinstance(update_sample, int) or update_sample<0:
+            raise ValueError(f"`update_sample` must be an int >= 0, got {update_sample!r}")
         if cap<2 or cap%2: raise ValueError(f"`cap` must be an even number >= 2, got {cap!r}")
         if not 1<=bins<=4096 or not hist_range[0]<hist_range[1]:
             raise ValueError(f"`bins` (1 to 4096) and `hist_range` must describe at least one bin, "
@@ -52,7 +53,7 @@ class ActivationMonitor(Callback):
         self.modules,self.names,self.buf,self.hbuf,self.pos = modules,[],None,None,None
         self.k,self.stride,self._off = 0,1,0
         self._engine,self._on,self._started,self._rec,self._upd = None,False,False,False,False
-        self._snap,self._g,self._nest,self._posn = None,None,0,None
+        self._snap,self._lix,self._g,self._nest,self._posn = None,None,None,0,None
 
 # %% ../nbs/05_monitor.ipynb #a49d4595
 @patch
@@ -122,12 +123,13 @@ def _per_param(self:ActivationMonitor, v):
     e,dev = self._engine,self._nan.device
     n = len(e.params)
     if len(self._live)==n: return e.module_norms(v.to(dev).float(), e._all_true(dev))
+    k = tuple(self._live)
+    if self._lix is None or self._lix[0]!=k: self._lix = k,torch.tensor(k, device=dev) # once per set: no copy per batch
     full,has = torch.zeros(n, device=dev),torch.zeros(n, dtype=torch.bool, device=dev)
-    full[self._live] = v.to(dev).float(); has[self._live] = True
+    full[self._lix[1]] = v.to(dev).float(); has[self._lix[1]] = True
     return self._engine.module_norms(full, has)
 
-
-# %% ../nbs/05_monitor.ipynb #68bd1f57
+# %% ../nbs/05_monitor.ipynb #e97489bb
 def _flat(p):
     "The elements of `p` in memory order, as a 1-D view, or `None` when they are not dense in memory"
     t,e = p.detach(),1
@@ -136,35 +138,54 @@ def _flat(p):
         e *= n
     return t.as_strided((t.numel(),), (1,))
 
+# %% ../nbs/05_monitor.ipynb #56cd1c24
+def _stride(n, m, r, row):
+    "Stride of `r` runs of `m` elements over `n`, the runs starting across the whole of a `row`, not in one band of it"
+    s = (n-m)//max(r-1, 1)
+    if r<8 or row<=m: return s
+    i = torch.arange(r)
+    for t in range(s, max(s-64, m-1), -1): # the last run ends inside, runs do not overlap
+        if ((i*t%row)*8//row).unique().numel()==8: return t
+    return s
+
+# %% ../nbs/05_monitor.ipynb #68bd1f57
+def _key(ps): return [(p.data_ptr(), p.shape, p.stride()) for p in ps]
+
 class _UpdateSample:
-    "Views of a fixed sample of each of `ps` (at most `k` elements, in `runs` runs; 0: all) and a copy of them"
-    def __init__(self, ps, k:int, runs:int=256):
-        self.src,sc = [],[]
-        for p in ps:
+    "Views of a fixed sample of each of `ps` (at most `k` elements in `runs` runs, or all) and a copy of them"
+    def __init__(self, ps, k:int, whole=None, runs:int=256):
+        self.ps,self.src,self.sc,self.key = ps,[],[],_key(ps)
+        for p,w in zip(ps, whole or [False]*len(ps)):
             f,n = _flat(p),p.numel()
             if f is None: f = p.detach() # not dense in memory: measured whole
-            elif k and n>k:
+            elif k and n>k and not w:
                 r = min(runs, k); m = k//r
-                f = f.as_strided((r, m), ((n-m)//max(r-1, 1), 1))
-            self.src.append(f); sc.append(n/f.numel())
+                top = max(range(p.dim()), key=lambda d: p.stride(d) if p.shape[d]>1 else -1) # the outer dim in memory
+                f = f.as_strided((r, m), (_stride(n, m, r, n//p.shape[top]), 1))
+            self.src.append(f); self.sc.append((n/max(f.numel(), 1))**.5)
         self.dst = [torch.empty(f.shape, dtype=f.dtype, device=f.device) for f in self.src]
-        self.scale = torch.tensor(sc, device=self.dst[0].device).sqrt() if ps else None
-        self.key = [p.data_ptr() for p in ps] # a parameter given new storage makes a new sample
     def take(self): torch._foreach_copy_(self.dst, self.src)
     def steps(self):
-        "Estimated L2 norm of each parameter's step since `take`"
+        "Estimated L2 norm of each parameter's step since `take` (NaN where a parameter was given new storage)"
+        if _key(self.ps)!=self.key: return torch.full((len(self.ps),), float('nan'), device=self.dst[0].device)
         torch._foreach_sub_(self.dst, self.src) # the copy becomes the step taken: no new memory
-        return torch.stack(torch._foreach_norm(self.dst)).float()*self.scale
-    @property
-    def nbytes(self): return sum(t.numel()*t.element_size() for t in self.dst)
+        ns = torch._foreach_norm(self.dst)
+        torch._foreach_mul_(ns, self.sc) # Python scales: no host-to-device copy
+        return torch.stack(ns).float()
+    def nbytes(self):
+        "Bytes held by the copy"
+        return sum(t.numel()*t.element_size() for t in self.dst)
 
 # %% ../nbs/05_monitor.ipynb #0daf5697
+_EMB = (nn.Embedding, nn.EmbeddingBag)
+
 @patch
 def _sample(self:ActivationMonitor, src):
     "The update sample of the trained parameters `src`, made again when they change"
     s = self._snap
-    if s is None or len(s.src)!=len(src) or s.key!=[p.data_ptr() for p in src]:
-        s = self._snap = _UpdateSample(src, self.update_sample)
+    if s is None or s.key!=_key(src):
+        emb = {id(p) for m in self._engine.modules if isinstance(m, _EMB) for p in m.parameters()}
+        s = self._snap = _UpdateSample(src, self.update_sample, [id(p) in emb for p in src])
     return s
 
 # %% ../nbs/05_monitor.ipynb #63f2cbf9
@@ -230,7 +251,7 @@ def after_fit(self:ActivationMonitor):
     if self._started: self._to_trackers()
     fitted = self._started # a training fit that ended normally or was cancelled: every rank is here
     if self._engine is not None: self._engine.release(self.learn, self)
-    self._engine,self._snap,self._g,self._nan,self._started,self._rec,self._posn = None,None,None,None,False,False,None
+    self._engine,self._snap,self._lix,self._g,self._nan,self._started,self._rec,self._posn = (None,)*5+(False,False,None)
     if self.buf is not None: self.buf = self.buf.cpu()
     if self.hbuf is not None: self.hbuf = self.hbuf.cpu()
     if fitted: self._merge_ranks(getattr(self, '_k0', 0))
@@ -243,10 +264,15 @@ def remove(self:ActivationMonitor):
 @patch
 def __getstate__(self:ActivationMonitor):
     "Pickle the settings; the history only with `keep_history`"
-    d = {**self.__dict__, '_engine':None, '_snap':None, '_g':None, '_nan':None, '_posn':None,
+    d = {**self.__dict__, '_engine':None, '_snap':None, '_lix':None, '_g':None, '_nan':None, '_posn':None,
          '_started':False, '_rec':False, '_nest':0}
     if not self.keep_history: d.update(names=[], buf=None, hbuf=None, pos=None, k=0, stride=1, _off=0)
     return d
+
+@patch
+def __setstate__(self:ActivationMonitor, d):
+    "Unpickle; a monitor exported before a setting existed gets its default"
+    self.__dict__.update(update_sample=16384, _lix=None); Callback.__setstate__(self, d)
 
 # %% ../nbs/05_monitor.ipynb #ec85fea0
 @patch

@@ -142,5 +142,16 @@ def test_anomaly_syncs(where):
             assert syncs[:4]==[1]*4 and syncs[5:]==[1]*3, (action, n, syncs) # one read per batch, after it too
             assert not c.gpu, (action, n, c.gpu)
             at_fault[n] = syncs[4]
-        # the decision, then one read per replay of the sample search (log2 of the batch size, both halves)
-        assert at_fault[8]==at_fault[32]<=(1 if where=='grad' else 2+2*6), (action, at_fault)
+        # a gradient: the one decision read; an input: the decision, then at most two replays (one read each) per
+        # halving of the batch in the search for the bad sample, log2(64) = 6 halvings
+        assert at_fault[8]==at_fault[32], (action, at_fault)
+        assert at_fault[8]==1 if where=='grad' else 1<at_fault[8]<=1+2*6, (action, at_fault)
+
+def test_update_batches():
+    "Update batches (weight norms, the sampled copy and its steps) with a frozen parameter: no sync, few ops"
+    def make():
+        learn = tiny(); learn.model[0].bias.requires_grad_(False); return learn
+    (b_ops,_,_),_,nout = measure(make, [])
+    (ops,calls,syncs),_,_ = measure(make, [ActivationMonitor(update_every=1)], nb=4)
+    assert syncs==0, syncs
+    assert (ops-b_ops+calls)/nout<=3, (ops-b_ops+calls)/nout

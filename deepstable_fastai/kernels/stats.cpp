@@ -45,7 +45,7 @@ void stats_block(const T* x, int64_t n, double nz, double* row) {
     double bs = 0, bq = 0; T bmx = 0; int32_t bnz = 0, bz = 0, bnan = 0, binf = 0;
     #pragma omp simd reduction(+:bs,bq,bnz,bz) reduction(max:bmx)
     for (int64_t j = 0; j < m; j++) {
-      T v = y[j], a = std::fabs(v); double d = (double)(v - c);
+      T v = y[j], a = std::fabs(v); double d = (double)v - (double)c;
       bs += d; bq += d*d; bmx = a > bmx ? a : bmx;  // NaN never wins a comparison: absmax ignores NaN
       bnz += a <= fnz; bz += v == 0;
     }
