@@ -143,9 +143,8 @@ def _stride(n, m, r, row):
     "Stride of `r` runs of `m` elements over `n`, the runs starting across the whole of a `row`, not in one band of it"
     s = (n-m)//max(r-1, 1)
     if r<8 or row<=m: return s
-    i = torch.arange(r)
     for t in range(s, max(s-64, m-1), -1): # the last run ends inside, runs do not overlap
-        if ((i*t%row)*8//row).unique().numel()==8: return t
+        if len({i*t%row*8//row for i in range(r)})==8: return t # plain Python: no op for a device to wait on
     return s
 
 # %% ../nbs/05_monitor.ipynb #68bd1f57
