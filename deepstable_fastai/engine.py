@@ -6,7 +6,7 @@ Docs: https://deepstable.github.io/deepstable-fastai/engine.html.md"""
 
 # %% ../nbs/02_engine.ipynb #66426837
 from __future__ import annotations
-import sys, weakref
+import sys, weakref, warnings
 import torch, torch.nn as nn
 from contextlib import contextmanager
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -83,16 +83,17 @@ class StatsEngine:
         self.handles = [m.register_forward_hook(_Hook(self, i)) for i,m in enumerate(self.modules)]
         self.handles.append(self.model.register_forward_hook(_Hook(self, -1)))
         self.raw = self.rhist = None
-        self._slots,self._meta,self._ids,self._nidx = {},{},None,{}
+        self._slots,self._meta,self._ids,self._nidx,self._defer,self._warned = {},{},None,{},{},False
         self._params(); self._reset()
 
     def _reset(self):
         self.order,self._stats,self._gn,self.do_hist,self._fresh,self._pos,self._lay = [],None,None,False,True,0,[]
         self._pgn = None # this batch's gradient norms, shared by the users: see `param_grad_norms`
+        self._dfr,self._watch = [],[] # outputs whose copy waits for `_flush`, outputs copied at once and watched
     def remove(self):
         "Remove every hook"
         for h in self.handles: h.remove()
-        self.handles = []
+        self.handles,self._dfr,self._watch = [],[],[]
     def __len__(self): return len(self.names)
     def __reduce__(self): return (_gone, ()) # an engine left on a pickled learner loads as nothing
 
@@ -179,22 +180,44 @@ def _h(self:StatsEngine, hist):
 
 # %% ../nbs/02_engine.ipynb #dd100a4b
 @patch
+def _slot(self:StatsEngine, p, t):
+    "The view of row `p` of the staging buffer on which `t` is copied: `t`'s strides if it is dense, else contiguous"
+    k = (p, t.shape, t.stride())
+    s = self._slots.get(k)
+    if s is None:
+        if len(self._slots)>4096: self._slots.clear() # shapes that vary without end (text) must not grow it
+        dense = t.is_contiguous() or (t.dim()==4 and t.is_contiguous(memory_format=torch.channels_last))
+        s = self._slots[k] = (self.stage.as_strided(t.shape, t.stride(), p*ROW) if dense
+                               else self.stage.view(-1)[p*ROW:p*ROW+t.numel()].view(t.shape))
+    return s
+
+@patch
 def _stage(self:StatsEngine, i, t):
     n = t.numel(); r = (n+ROW-1)//ROW
     if self.stage is None: self.stage = torch.empty(self.stage_rows, ROW, device=self.raw.device)
     if self._pos+r>self.stage_rows: self._flush()
-    k = (self._pos, t.shape)
-    s = self._slots.get(k)
-    if s is None:
-        if len(self._slots)>4096: self._slots.clear() # shapes that vary without end (text) must not grow it
-        s = self._slots[k] = self.stage.view(-1)[self._pos*ROW:self._pos*ROW+n].view(t.shape)
-    s.copy_(t)
+    d = self._defer.get(i)
+    if d: self._dfr.append((self._pos, t, t._version, i)) # copied by `_flush`, with the others, in one op
+    else:
+        self._slot(self._pos, t).copy_(t)
+        if d is None: self._watch.append((i, t, t._version)) # first time: may it wait next time?
     self._lay.append((i, n)); self._pos += r
 
 @patch
+def _copy_waiting(self:StatsEngine):
+    "Copy the waiting outputs in one op; learn which rows may wait; return the rows whose output changed meanwhile"
+    with _plain(): # fastai's tensor subclasses would run Python for each `_version` read
+        for i,t,v in self._watch: self._defer[i] = self._defer.get(i, True) and t._version==v
+        d,self._dfr,self._watch = self._dfr,[],[]
+        if not d: return []
+        with torch.no_grad(): torch._foreach_copy_([self._slot(p, t) for p,t,_,_ in d], [t for _,t,_,_ in d])
+        return [i for _,t,v,i in d if t._version!=v]
+
+@patch
 def _flush(self:StatsEngine):
-    "Reduce the staged outputs into the raw rows and the table: one compiled call"
+    "Reduce the staged outputs into the raw rows and the table: one copy and one compiled call"
     if not self._lay: return
+    lost = self._copy_waiting()
     k = tuple(self._lay)
     meta = self._meta.get(k)
     if meta is None:
@@ -210,6 +233,22 @@ def _flush(self:StatsEngine):
                                                  *self._h(hist))
     if hist: self.rhist = rh
     self._lay,self._pos = [],0
+    if lost: self._lose(lost)
+
+@patch
+def _lose(self:StatsEngine, rows):
+    "Rows whose output changed in place before its copy: NaN for this batch, copied in the hook from now on"
+    for i in set(rows):
+        self._defer[i] = False
+        self.raw[i] = float('nan') # an int index: no host-to-device copy
+        if self.rhist is not None and i<len(self): self.rhist[i] = 0
+    self._stats = None
+    if not self._warned:
+        self._warned = True
+        ns = sorted({self.names[i%len(self)]+(' (input)' if i>=len(self) else '') for i in rows})
+        warnings.warn(f"deepstable_fastai: the output of {', '.join(ns)} changed in place after its forward hook, "
+                      f"where earlier batches left it unchanged: its statistics of this batch are NaN, and from now "
+                      f"on it is copied in its hook")
 
 @patch
 def _end(self:StatsEngine):
@@ -261,7 +300,7 @@ def aside(self:StatsEngine, key, check_inputs:bool=True):
     try: yield self
     finally:
         self.key,self.active,self.order,self._stats,self._gn,self.do_hist,self._fresh,self.check_inputs = st
-        self._lay,self._pos = [],0
+        self._lay,self._pos,self._dfr,self._watch = [],0,[],[]
         self.raw,self.rhist = ts
 
 # %% ../nbs/02_engine.ipynb #8aefe790
