@@ -6,8 +6,10 @@ Three tables (markdown):
    per fit, for monitor / monitor+hist / guard / both / fastai ActivationStats, on xresnet18 and resnet18
    (vision_learner), with the device path forced (DEEPSTABLE_KERNEL=compiled);
 3. host time per hooked module and recorded batch on a tiny 65-module Linear/ReLU model: CPU time of a fit with the
-   monitor minus without, per batch and module, on both paths (interleaved repeats, medians).
-Run: OMP_NUM_THREADS=1 python bench/engine.py [--quick]
+   monitor minus without, per batch and module, on both paths (interleaved repeats, medians);
+4. (`--defer`) the same on the device path, the staged outputs copied in their hooks (`StatsEngine.defer=False`)
+   against at the end of the forward pass (the default), in one process, interleaved, with the paired difference.
+Run: OMP_NUM_THREADS=1 python bench/engine.py [--quick] [--defer]
 """
 import argparse, os, statistics, time, warnings
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -138,10 +140,43 @@ def host_table(repeats, epochs=4):
     for p,(b,m,lo,hi) in res.items():
         print(f"| {'device path (forced on CPU)' if p=='compiled' else 'CPU path (C++ op)'} | {b:.2f} | {m:.1f} ({lo:.1f}-{hi:.1f}) |")
 
+class _NoDefer(Callback):
+    "Copy every staged output in its hook: the engine's behaviour before the copies waited for the forward's end"
+    order = ActivationMonitor.order+1 # after the monitor's `before_train` has made the engine
+    def before_train(self): self.learn._stats_engine.defer = False
+
+def defer_table(repeats, epochs=4):
+    "Host us per module and batch on the tiny model, device path, outputs copied in the hook or at the forward's end"
+    os.environ['DEEPSTABLE_KERNEL'] = 'compiled'
+    cbs = dict(none=lambda: [], hook=lambda: [ActivationMonitor(), _NoDefer()], end=lambda: [ActivationMonitor()])
+    learns = {k:tiny_learner() for k in cbs}
+    for k,l in learns.items():
+        with l.no_bar(), l.no_logging(): l.fit(1, 1e-3, cbs=cbs[k]())
+    ts = {k:[] for k in learns}
+    for _ in range(repeats):
+        for k,l in learns.items():
+            t = time.process_time()
+            with l.no_bar(), l.no_logging(): l.fit(epochs, 1e-3, cbs=cbs[k]())
+            ts[k].append(time.process_time()-t)
+    del os.environ['DEEPSTABLE_KERNEL']
+    nb = epochs*len(learns['none'].dls.train)
+    per = {k:[(m-n)/nb/65*1e6 for m,n in zip(ts[k], ts['none'])] for k in ('hook','end')}
+    d = [a-b for a,b in zip(per['hook'], per['end'])]
+    print(f"No-callback fit: {statistics.median(ts['none'])/nb*1e3:.2f} ms/batch\n")
+    print('| staged outputs copied | monitor host us per module and batch (median, min-max) |\n|---|---|')
+    for k,v in per.items(): print(f"| {'in each hook' if k=='hook' else 'at the end of the forward pass (default)'} | "
+                                  f"{statistics.median(v):.1f} ({min(v):.1f}-{max(v):.1f}) |")
+    print(f"\nPaired (in the hook - at the end): median {statistics.median(d):.1f} us, "
+          f"{sum(x>0 for x in d)} of {len(d)} repeats cheaper at the end")
+
 if __name__=='__main__':
     ap = argparse.ArgumentParser()
     ap.add_argument('--quick', action='store_true')
+    ap.add_argument('--defer', action='store_true', help='only the table of the deferred copies')
     a = ap.parse_args()
+    if a.defer:
+        print(f"torch {torch.__version__}, 1 thread, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
+        defer_table(11); raise SystemExit
     print(f"torch {torch.__version__}, 1 thread, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
     print('## Kernels\n'); kernels_table()
     print('\n## Host cost per module (tiny 65-module model)\n'); host_table(3 if a.quick else 7)

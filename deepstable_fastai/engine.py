@@ -72,6 +72,7 @@ class StatsEngine:
         self.check_inputs,self.key,self.active,self.hist_range = False,None,False,(-10.,10.,40)
         self.direct_min,self.stage_rows = 1<<17,1<<12 # outputs above 128K elements skip the 4M-element staging buffer
         self.raw = self.rhist = self.stage = self.path = None # `path`: None (automatic), 'cpp', 'staged' or 'direct'
+        self.defer = True # staged outputs may wait for the end of the forward pass to be copied (see `_stage`)
         p = next(model.parameters(), None)
         if p is None or p.device.type=='cpu': kernel_path() # start building the CPU kernel early, on CPU models only
         self.set_modules(find_modules(model, modules))
@@ -196,7 +197,7 @@ def _stage(self:StatsEngine, i, t):
     n = t.numel(); r = (n+ROW-1)//ROW
     if self.stage is None: self.stage = torch.empty(self.stage_rows, ROW, device=self.raw.device)
     if self._pos+r>self.stage_rows: self._flush()
-    d = self._defer.get(i)
+    d = self._defer.get(i) if self.defer else False
     if d: self._dfr.append((self._pos, t, t._version, i)) # copied by `_flush`, with the others, in one op
     else:
         self._slot(self._pos, t).copy_(t)
