@@ -2,10 +2,11 @@
 
 For xresnet18 and resnet50, bs 64 and 256, fp32 and fastai `MixedPrecision`: median training-step time (CUDA events
 from the first `before_batch` to the last callback before fastai's Recorder, `--steps` steps after `--warmup`) for
-none / monitor / monitor+hist / guard skip / guard rollback / both / fastai ActivationStats, peak memory, the first
-fit's time and graphs compiled; then the host syncs inside this package's hooks and callback events per training
-batch, counted with `torch.cuda.set_sync_debug_mode('warn')` switched on around our code only (fastai's own syncs,
-`MixedPrecision`'s `GradScaler` for one, are not ours to count). A variant that fails gets an ERROR row and the run
+none / monitor / monitor+hist / guard skip / guard rollback / both / fastai ActivationStats (and, for the first
+model, two settings of the statistics engine to choose its defaults by), peak memory, the first fit's time and graphs
+compiled; then the host syncs inside this package's hooks and callback events per training batch, counted with
+`torch.cuda.set_sync_debug_mode('warn')` switched on around our code only (fastai's own syncs, `MixedPrecision`'s
+`GradScaler` for one, are not ours to count). A variant that fails gets an ERROR row and the run
 goes on; the table is rewritten after every row; past `--budget-s` seconds the remaining rows say "skipped (time)".
 `python bench/gpu.py --device cpu --quick` runs the same code on the CPU as a smoke test (tests/test_gpu_script.py).
 """
@@ -65,6 +66,20 @@ CONFIGS = {'none': lambda: [], 'monitor': lambda: [ActivationMonitor()],
            'monitor+guard': lambda: [ActivationMonitor(), ExplosionGuard('rollback')],
            'fastai ActivationStats': lambda: [ActivationStats()]}
 
+class EngineSet(Callback):
+    "Set attributes of the learner's statistics engine once the monitor has made it"
+    order = ActivationMonitor.order+1 # after the monitor's `before_train`
+    def __init__(self, **kw): self.kw = kw
+    def before_train(self):
+        for k,v in self.kw.items(): setattr(self.learn._stats_engine, k, v)
+
+# Engine settings to choose the defaults by, in the first section only: each staged output copied in its hook (as
+# before the copies waited for the end of the forward pass), and every output staged (64 MB of buffer, a copy of
+# each large output, no `_direct` compiled call per large output)
+ENGINE = {'monitor, copies in hooks (defer=False)': lambda: [ActivationMonitor(), EngineSet(defer=False)],
+          'monitor, all staged (direct_min=2**24)':
+              lambda: [ActivationMonitor(), EngineSet(direct_min=1<<24, stage_rows=1<<14)]}
+
 def learner(arch, bs, size, n, dev, fp16):
     set_seed(0)
     m = xresnet18(n_out=10) if arch=='xresnet18' else resnet50(num_classes=10)
@@ -86,12 +101,13 @@ def run(arch, bs, size, fp16, name, dev, warmup, steps):
     fresh(dev)
     learn = learner(arch, bs, size, warmup, dev, fp16)
     g0,t0 = du.counters['stats']['unique_graphs'],time.perf_counter()
-    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=CONFIGS[name]()) # warm-up fit: compiles
+    cbs = {**CONFIGS, **ENGINE}[name]
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=cbs()) # warm-up fit: compiles
     if dev.type=='cuda': torch.cuda.synchronize()
     first,graphs = time.perf_counter()-t0,du.counters['stats']['unique_graphs']-g0
     learn.dls.train.n = warmup+steps
     st = StepStart()
-    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=[st, StepEnd(st)]+CONFIGS[name]())
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=[st, StepEnd(st)]+cbs())
     ts = st.times()[warmup:]
     mem = torch.cuda.max_memory_allocated()/2**30 if dev.type=='cuda' else float('nan')
     return statistics.median(ts),first,graphs,mem
@@ -161,10 +177,10 @@ def main(a):
     def emit(row):
         out.append(row); print(row, flush=True); Path(a.out).write_text('\n'.join(out)+'\n')
     late = lambda: time.perf_counter()-t_start > a.budget_s
-    def section(arch, bs, fp16):
+    def section(arch, bs, fp16, extra=()):
         size = 32 if arch=='xresnet18' else (64 if a.quick else 128)
         head,base = f"| {arch} {size}px | {bs} | {'fp16 (MixedPrecision)' if fp16 else 'fp32'} |",None
-        for name in CONFIGS:
+        for name in [*CONFIGS, *extra]:
             if late(): emit(f"{head} {name} | skipped (time) | | | |"); continue
             try:
                 e0 = compile_errors()
@@ -178,7 +194,7 @@ def main(a):
                 traceback.print_exc()
                 emit(f"{head} {name} | {err(e)} | | | |")
     gs = groups(a, dev)
-    section(*gs[0])
+    section(*gs[0], extra=ENGINE)
     out.extend(['', '| host syncs inside our hooks and events, xresnet18 bs 64 | result |', '|---|---|'])
     for name in ('monitor', 'monitor+hist', 'guard skip', 'monitor+guard'):
         for fp16 in ((False, True) if dev.type=='cuda' else (False,)):

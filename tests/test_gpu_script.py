@@ -9,7 +9,9 @@ def test_gpu_script_runs_on_cpu(tmp_path):
     assert r.returncode==0, r.stderr[-2000:]
     rows = [l for l in out.read_text().splitlines() if l.startswith('| xresnet18')]
     assert [l.split('|')[4].strip() for l in rows] == ['none', 'monitor', 'monitor+hist', 'guard skip', 'guard rollback',
-                                                       'monitor+guard', 'fastai ActivationStats']
+                                                       'monitor+guard', 'fastai ActivationStats',
+                                                       'monitor, copies in hooks (defer=False)',
+                                                       'monitor, all staged (direct_min=2**24)']
     assert all(float(l.split('|')[5]) > 0 for l in rows)
     syncs = {l.split('|')[1].strip():l.split('|')[2].strip() for l in out.read_text().splitlines() if 'expected' in l}
     assert len(syncs)==4, syncs # on the CPU `OpCounter` counts: the monitor none, the guard its one read per batch
