@@ -143,7 +143,8 @@ def fit_running(learn):
 # %% ../nbs/02_engine.ipynb #e96b36d6
 @patch
 def _zero(self:StatsEngine, dev):
-    if self.raw is None or self.raw.device!=dev:
+    stale = self.raw is not None and self.raw.is_inference() and not torch.is_inference_mode_enabled()
+    if self.raw is None or self.raw.device!=dev or stale: # buffers made under `inference_mode` can't be written outside
         dt = torch.float64 if dev.type in ('cpu','cuda') else torch.float32
         self.raw = torch.zeros(2*len(self), 8, dtype=dt, device=dev)
         self.rhist,self.stage,self._slots,self._meta = None,None,{},{}
@@ -197,7 +198,7 @@ def _stage(self:StatsEngine, i, t):
     n = t.numel(); r = (n+ROW-1)//ROW
     if self.stage is None: self.stage = torch.empty(self.stage_rows, ROW, device=self.raw.device)
     if self._pos+r>self.stage_rows: self._flush()
-    d = self._defer.get(i) if self.defer else False
+    d = self._defer.get(i) if self.defer and not t.is_inference() else False # no version under `inference_mode`
     if d: self._dfr.append((self._pos, t, t._version, i)) # copied by `_flush`, with the others, in one op
     else:
         self._slot(self._pos, t).copy_(t)
