@@ -7,7 +7,7 @@ Three tables (markdown):
    (vision_learner), with the device path forced (DEEPSTABLE_KERNEL=compiled);
 3. host time per hooked module and recorded batch on a tiny 65-module Linear/ReLU model: CPU time of a fit with the
    monitor minus without, per batch and module, on both paths (interleaved repeats, medians);
-4. (`--defer`) the same on the device path, the staged outputs copied in their hooks (`StatsEngine.defer=False`)
+4. (`--defer`) the same on the device path, the staged outputs copied in their hooks (the engine's `defer=False`)
    against at the end of the forward pass (the default), in one process, interleaved, with the paired difference.
 Run: OMP_NUM_THREADS=1 python bench/engine.py [--quick] [--defer]
 """

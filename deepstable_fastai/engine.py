@@ -61,8 +61,22 @@ class _Hook:
     def __init__(self, engine, i): self.e,self.i = engine,i
     def __call__(self, m, inp, out):
         e = self.e
-        if e.active: e._end() if self.i<0 else e._hook(self.i, inp, out)
+        if self.i>=0:
+            if e.active: e._hook(self.i, inp, out)
+        elif out is None: e._drop() # the forward pass raised (an `always_call` hook): let go of its outputs
+        elif e.active: e._end()
     def __reduce__(self): return (_inert, ())
+
+class _EagerHook(_Hook):
+    "A `_Hook` that `torch.compile` does not trace: in a compiled model it runs eagerly, at a graph break"
+    def __init__(self, engine, i): super().__init__(engine, i); self.f = torch.compiler.disable(super().__call__)
+    def __call__(self, m, inp, out): return self.f(m, inp, out)
+
+def _compiled(model):
+    "Is `model`, or a module in it, compiled with `torch.compile` or `nn.Module.compile`?"
+    d = sys.modules.get('torch._dynamo') # not imported: nothing is compiled (and importing it takes seconds)
+    return d is not None and any(isinstance(m, d.eval_frame.OptimizedModule) or
+                                 getattr(m, '_compiled_call_impl', None) is not None for m in model.modules())
 
 # %% ../nbs/02_engine.ipynb #8d2d25e3
 class StatsEngine:
@@ -81,20 +95,22 @@ class StatsEngine:
         self.remove()
         self.names,self.modules = [n for n,_ in named],[m for _,m in named]
         self.idx = {n:i for i,n in enumerate(self.names)}
-        self.handles = [m.register_forward_hook(_Hook(self, i)) for i,m in enumerate(self.modules)]
-        self.handles.append(self.model.register_forward_hook(_Hook(self, -1)))
+        H = _EagerHook if _compiled(self.model) else _Hook # traced, the hooks' bookkeeping would recompile each batch
+        self.handles = [m.register_forward_hook(H(self, i)) for i,m in enumerate(self.modules)]
+        self.handles.append(self.model.register_forward_hook(H(self, -1), always_call=True))
         self.raw = self.rhist = None
-        self._slots,self._meta,self._ids,self._nidx,self._defer,self._warned = {},{},None,{},{},False
+        self._slots,self._meta,self._ids,self._nidx,self._defer,self._warned,self._tr = {},{},None,{},{},False,True
         self._params(); self._reset()
 
     def _reset(self):
         self.order,self._stats,self._gn,self.do_hist,self._fresh,self._pos,self._lay = [],None,None,False,True,0,[]
         self._pgn = None # this batch's gradient norms, shared by the users: see `param_grad_norms`
         self._dfr,self._watch = [],[] # outputs whose copy waits for `_flush`, outputs copied at once and watched
+    def _drop(self): self._lay,self._pos,self._dfr,self._watch = [],0,[],[] # forget what is staged
     def remove(self):
         "Remove every hook"
         for h in self.handles: h.remove()
-        self.handles,self._dfr,self._watch = [],[],[]
+        self.handles = []; self._drop()
     def __len__(self): return len(self.names)
     def __reduce__(self): return (_gone, ()) # an engine left on a pickled learner loads as nothing
 
@@ -111,7 +127,8 @@ def _params(self:StatsEngine):
 @patch
 def begin(self:StatsEngine, key, want:bool=True, hist:bool=False):
     "Start batch `key` (see `batch_key`); record it if any caller `want`s it, with histograms if one asks for `hist`"
-    if key!=self.key: self.key,self.active = key,False; self._reset()
+    if key!=self.key: # `_tr`: whether an output may wait is learnt per mode, read here, outside any compiled forward
+        self.key,self.active,self._tr = key,False,self.model.training; self._reset()
     self.active = self.active or want
     self.do_hist = self.do_hist or (want and hist)
 
@@ -169,7 +186,7 @@ def _acc(self:StatsEngine, i, t):
     if self._mode=='cpp':
         torch.ops.deepstable.acc_(t, self.raw, i, self.near_zero)
         if hist: torch.ops.deepstable.hist_(t, self.rhist, i, *self.hist_range[:2])
-    elif n>self.direct_min or self._mode=='direct':
+    elif n>min(self.direct_min, self.stage_rows*ROW) or self._mode=='direct': # too big to stage
         if type(t) is not torch.Tensor: t = t.as_subclass(torch.Tensor) # dynamo then sees a plain tensor
         self.raw,rh = _kernels['direct'](t, self._ids[i], self.raw, self.near_zero, *self._h(hist))
         if hist: self.rhist = rh
@@ -181,6 +198,8 @@ def _h(self:StatsEngine, hist):
     return (self.rhist, *self.hist_range[:2]) if hist else ()
 
 # %% ../nbs/02_engine.ipynb #dd100a4b
+_compiling = torch.compiler.is_compiling
+
 @patch
 def _slot(self:StatsEngine, p, t):
     "The view of row `p` of the staging buffer on which `t` is copied: `t`'s strides if it is dense, else contiguous"
@@ -197,29 +216,34 @@ def _slot(self:StatsEngine, p, t):
 def _stage(self:StatsEngine, i, t):
     n = t.numel(); r = (n+ROW-1)//ROW
     if self.stage is None: self.stage = torch.empty(self.stage_rows, ROW, device=self.raw.device)
-    if self._pos+r>self.stage_rows: self._flush()
-    d = self._defer.get(i) if self.defer and not t.is_inference() else False # no version under `inference_mode`
+    if self._pos+r>self.stage_rows: self._flush(final=False)
+    k = (i, self._tr)
+    # not inside a compiled model (dynamo would trace this bookkeeping), nor under `inference_mode` (no version)
+    d = self._defer.get(k) if self.defer and not _compiling() and not t.is_inference() else False
+    if d is not False and t._base is not None and t._base.numel()>2*n: d = False # a view would keep its base alive
     if d: self._dfr.append((self._pos, t, t._version, i)) # copied by `_flush`, with the others, in one op
     else:
         self._slot(self._pos, t).copy_(t)
-        if d is None: self._watch.append((i, t, t._version)) # first time: may it wait next time?
+        if d is None: self._watch.append((k, t, t._version)) # first time: may it wait next time?
     self._lay.append((i, n)); self._pos += r
 
 @patch
-def _copy_waiting(self:StatsEngine):
-    "Copy the waiting outputs in one op; learn which rows may wait; return the rows whose output changed meanwhile"
+def _copy_waiting(self:StatsEngine, final:bool=True):
+    "Copy the waiting outputs in one op; at the end of the forward pass learn which may wait; return rows that changed"
     with _plain(): # fastai's tensor subclasses would run Python for each `_version` read
-        for i,t,v in self._watch: self._defer[i] = self._defer.get(i, True) and t._version==v
-        d,self._dfr,self._watch = self._dfr,[],[]
+        if final:
+            for k,t,v in self._watch: self._defer[k] = self._defer.get(k, True) and t._version==v
+            self._watch = []
+        d,self._dfr = self._dfr,[]
         if not d: return []
         with torch.no_grad(): torch._foreach_copy_([self._slot(p, t) for p,t,_,_ in d], [t for _,t,_,_ in d])
         return [i for _,t,v,i in d if t._version!=v]
 
 @patch
-def _flush(self:StatsEngine):
+def _flush(self:StatsEngine, final:bool=True): # False: the buffer is full, the forward pass goes on
     "Reduce the staged outputs into the raw rows and the table: one copy and one compiled call"
+    lost = self._copy_waiting(final)
     if not self._lay: return
-    lost = self._copy_waiting()
     k = tuple(self._lay)
     meta = self._meta.get(k)
     if meta is None:
@@ -241,7 +265,7 @@ def _flush(self:StatsEngine):
 def _lose(self:StatsEngine, rows):
     "Rows whose output changed in place before its copy: NaN for this batch, copied in the hook from now on"
     for i in set(rows):
-        self._defer[i] = False
+        self._defer[(i, self._tr)] = False
         self.raw[i] = float('nan') # an int index: no host-to-device copy
         if self.rhist is not None and i<len(self): self.rhist[i] = 0
     self._stats = None
@@ -255,7 +279,7 @@ def _lose(self:StatsEngine, rows):
 @patch
 def _end(self:StatsEngine):
     "The model's forward pass ended"
-    if self._lay: self._flush()
+    if self._lay or self._watch: self._flush()
 
 # %% ../nbs/02_engine.ipynb #54c104d2
 @patch

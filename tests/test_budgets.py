@@ -155,3 +155,21 @@ def test_update_batches():
     (ops,calls,syncs),_,_ = measure(make, [ActivationMonitor(update_every=1)], nb=4)
     assert syncs==0, syncs
     assert (ops-b_ops+calls)/nout<=3, (ops-b_ops+calls)/nout
+
+def test_compiled_model():
+    "A `torch.compile`d model runs the hooks in its trace: no recompiles batch after batch, and the right statistics"
+    from deepstable_fastai.engine import StatsEngine
+    from deepstable_fastai.stats import STATS
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8,32), nn.BatchNorm1d(32), nn.ReLU(inplace=True), nn.Linear(32,4))
+    net = torch.compile(base); e = StatsEngine(net); e.path = 'staged'
+    try:
+        for k in range(4):
+            x = torch.randn(16,8); e.begin(k); net(x); s = e.stats()
+            if k==0: g = du.counters['stats']['unique_graphs']
+        assert du.counters['stats']['unique_graphs']==g # batches 2 to 4 compiled nothing new
+        with torch.no_grad(): y = base[1](base[0](x))
+        m,sd = STATS.index('mean'),STATS.index('std')
+        torch.testing.assert_close(s[:2, m], torch.stack([base[0](x).mean(), y.mean()]).detach(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(s[1, sd], y.std(correction=0).detach(), atol=1e-4, rtol=0) # before the in-place ReLU
+    finally: e.remove()
