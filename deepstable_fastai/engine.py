@@ -103,10 +103,11 @@ class StatsEngine:
         self._params(); self._reset()
 
     def _reset(self):
-        self.order,self._stats,self._gn,self.do_hist,self._fresh,self._pos,self._lay = [],None,None,False,True,0,[]
+        self.order,self._stats,self._gn,self.do_hist,self._fresh = [],None,None,False,True
         self._pgn = None # this batch's gradient norms, shared by the users: see `param_grad_norms`
-        self._dfr,self._watch = [],[] # outputs whose copy waits for `_flush`, outputs copied at once and watched
-    def _drop(self): self._lay,self._pos,self._dfr,self._watch = [],0,[],[] # forget what is staged
+        self._drop()
+    def _drop(self): # forget what is staged; `_dfr`: outputs whose copy waits for `_flush`, `_watch`: outputs watched
+        self._lay,self._pos,self._dfr,self._watch = [],0,[],[]
     def remove(self):
         "Remove every hook"
         for h in self.handles: h.remove()
@@ -220,7 +221,7 @@ def _stage(self:StatsEngine, i, t):
     k = (i, self._tr)
     # not inside a compiled model (dynamo would trace this bookkeeping), nor under `inference_mode` (no version)
     d = self._defer.get(k) if self.defer and not _compiling() and not t.is_inference() else False
-    if d is not False and t._base is not None and t._base.numel()>2*n: d = False # a view would keep its base alive
+    if d is not False and (b:=t._base) is not None and b.numel()>2*n: d = False # a view would keep its base alive
     if d: self._dfr.append((self._pos, t, t._version, i)) # copied by `_flush`, with the others, in one op
     else:
         self._slot(self._pos, t).copy_(t)
@@ -326,7 +327,7 @@ def aside(self:StatsEngine, key, check_inputs:bool=True):
     try: yield self
     finally:
         self.key,self.active,self.order,self._stats,self._gn,self.do_hist,self._fresh,self.check_inputs = st
-        self._lay,self._pos,self._dfr,self._watch = [],0,[],[]
+        self._drop()
         self.raw,self.rhist = ts
 
 # %% ../nbs/02_engine.ipynb #8aefe790
