@@ -380,7 +380,7 @@ def plot(self:ActivationMonitor, stat:str='std', log:bool=True, ax=None, figsize
     bad = ~np.isfinite(v)
     if log: v = np.log10(np.clip(np.abs(np.where(bad, 1., v)), 1e-12, None))
     fig,ax = _ax(ax, figsize or (10, max(3, min(12, 0.18*len(self.names)+1.5))))
-    cmap = plt.get_cmap('viridis').copy(); cmap.set_bad('red'); cmap.set_under('black')
+    cmap = plt.get_cmap('viridis').with_extremes(bad='red', under='black')
     # the 2nd percentile: exact zeros (a zero-init BatchNorm) would flatten the scale
     lo = np.percentile(v[~bad], 2) if (~bad).any() else None
     im = ax.imshow(np.ma.masked_array(v, bad), aspect='auto', interpolation='nearest', cmap=cmap, vmin=lo)

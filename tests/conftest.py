@@ -7,6 +7,12 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope='session')
 def root(): return ROOT
 
+@pytest.fixture(params=['auto', 'compiled'], ids=['cpu-op', 'device-path'])
+def kernel(request, monkeypatch):
+    "Run a test on each statistics path: the CPU's C++ op, and the compiled path of every other device, forced"
+    monkeypatch.setenv('DEEPSTABLE_KERNEL', request.param)
+    return request.param
+
 @pytest.fixture(scope='session')
 def docs_site():
     "Build the docs site once per session; returns the list of pages"

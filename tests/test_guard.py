@@ -1,4 +1,6 @@
-"`ExplosionGuard` checks too long for the notebook: the fault matrix, a 10-epoch false-alarm run, export, every fastai entry point, exceptions in every event, the host-sync budget."
+"""`ExplosionGuard` checks too long for the notebook: the fault matrix, a 10-epoch false-alarm run, export, every fastai entry point, exceptions in every event, the host-sync budget. The fault, entry-point, exception and
+sync tests run on both statistics paths (`kernel` in conftest.py): the C++ op of CPU tensors and, forced, the compiled
+path every other device takes, so what a GPU user runs is tested here too."""
 import sys, warnings, pickle
 from pathlib import Path
 import pytest, torch
@@ -17,6 +19,7 @@ FAULTY = ['nan_input','inf_target','lr_spike','module_nan','grad_inf'] # faults 
 
 @pytest.mark.parametrize('action', ['skip','rollback'])
 @pytest.mark.parametrize('fault', FAULTY)
+@pytest.mark.usefixtures('kernel')
 def test_fault_caught(fault, action):
     r = run(fault, f'guard {action}', epochs=2, at=30)
     assert r['finished'] and r['finite']
@@ -111,6 +114,7 @@ def _stale(learn, ev, exc):
 
 @pytest.mark.parametrize('exc', [RuntimeError, KeyboardInterrupt])
 @pytest.mark.parametrize('ev', EVENTS)
+@pytest.mark.usefixtures('kernel')
 def test_exception_in_every_event(ev, exc, tmp_path):
     "After a fit that raised in `ev`, each entry point leaves no hook, and the next fit works"
     stale = 0
@@ -142,6 +146,7 @@ def test_export_after_exception(exc, tmp_path):
         l2.fit(1, 1e-2)
     assert hooks(l2)==0 and hooks(learn)>0
 
+@pytest.mark.usefixtures('kernel')
 def test_per_call_guard_after_exception():
     "A per-call guard whose fit raised is removed by fastai; it drops its hooks then"
     learn = small()
@@ -163,6 +168,7 @@ class NaNAt(Callback):
 def _finite(learn): return all(t.isfinite().all() for t in learn.model.state_dict().values() if t.is_floating_point())
 
 @pytest.mark.parametrize('how', ['per_call', 'fine_tune', 'mixup', 'cutmix', 'accumulate', 'second_guard'])
+@pytest.mark.usefixtures('kernel')
 def test_entry_points(how):
     "A NaN batch is caught and skipped, no hook is left, the weights end finite, in each way of running a fit"
     dls = digits_dls(flat=how not in ('cutmix',), bs=64)
@@ -199,6 +205,7 @@ def _syncs(cbs, n_epoch=1, validate=False):
             else: learn.fit(n_epoch, 1e-3)
     return c.syncs, len(learn.dls.train)
 
+@pytest.mark.usefixtures('kernel')
 def test_one_sync_per_training_batch():
     "The guard adds exactly one host sync per training batch (its verdict), plus one per fit (are the weights finite?)"
     base,n = _syncs([])
@@ -253,6 +260,7 @@ def test_drop_leaves_user_loader():
     assert 'get_idxs' not in dls.train.__dict__ and len(dls.train.get_idxs())==n
     assert learn.explosion_guard.bad_samples==[7] and len(learn.explosion_guard.events)==1
 
+@pytest.mark.usefixtures('kernel')
 def test_mixed_precision_norms_with_monitor():
     "Under `MixedPrecision` the monitor reads scaled gradients before the unscale: the guard must not get its norms"
     from fastai.callback.fp16 import MixedPrecision

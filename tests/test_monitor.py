@@ -1,4 +1,5 @@
-"What the monitor notebook cannot show: interrupts, a fresh process loading an export, RNNs, the PNG pipeline, long runs."
+"""What the monitor notebook cannot show: interrupts, a fresh process loading an export, RNNs, the PNG pipeline, long runs.
+The interrupt tests run on both statistics paths (`kernel` in conftest.py): the CPU's C++ op and the device path."""
 import subprocess, sys, textwrap
 import pytest, torch, torch.nn as nn, torch.nn.functional as F
 from fastai.learner import Learner
@@ -51,6 +52,7 @@ EVENTS = ['before_batch', 'after_pred', 'after_loss', 'before_backward', 'after_
 
 @pytest.mark.parametrize('then', ['fit', 'get_preds', 'validate', 'export'])
 @pytest.mark.parametrize('at', EVENTS)
+@pytest.mark.usefixtures('kernel')
 def test_exception_then_entry_point(at, then, tmp_path):
     "No global patch of fastai: hooks of a fit that raised go at the next entry point, history kept"
     learn = mlp_learner(cbs=ActivationMonitor(with_hist=True))
@@ -175,16 +177,23 @@ def test_long_run_memory_cap():
     assert m.nbytes()==64*(len(m.names)*(4*(len(MONITOR_STATS)+1)+4*43)+32)
     assert m.hist_counts(0).sum(1).eq(16).all()
 
-def test_monitor_and_guard_share_batches():
+class Mode(Callback):
+    "The statistics engine's mode at each training batch"
+    def before_fit(self): self.modes = set()
+    def after_batch(self): self.modes.add(self.learn._stats_engine._mode)
+
+def test_monitor_and_guard_share_batches(kernel):
     "Monitor histograms and stats are recorded with the guard attached (fastai's CastToTensor swaps `xb` between them)"
     import torch
     from fastai.learner import Learner
     from deepstable_fastai.data import digits_dls
     from deepstable_fastai.guard import ExplosionGuard
     from deepstable_fastai.monitor import ActivationMonitor
+    from deepstable_fastai.stats import kernel_path
     m = torch.nn.Sequential(torch.nn.Linear(64,32), torch.nn.ReLU(), torch.nn.Linear(32,10))
-    learn = Learner(digits_dls(flat=True), m, cbs=[ActivationMonitor(with_hist=True), ExplosionGuard(act_every=4)])
+    learn = Learner(digits_dls(flat=True), m, cbs=[ActivationMonitor(with_hist=True), ExplosionGuard(act_every=4), Mode()])
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    assert learn.mode.modes=={'cpp' if kernel_path(wait=True)=='cpp' else 'staged'}, learn.mode.modes # the path tested
     mon = learn.activation_monitor
     assert mon.k == learn.train_iter
     h = mon.hist_counts(0)
