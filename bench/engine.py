@@ -1,6 +1,6 @@
 """What the statistics engine costs the host, on the path a GPU runs, measured on the CPU.
 
-Three tables (markdown):
+Tables (markdown):
 1. kernels: ns per element and host us per call of the CPU C++ op, the compiled device path and eager PyTorch;
 2. budgets: per training batch, dispatched aten ops per hooked output, compiled-kernel calls, host syncs, and compiles
    per fit, for monitor / monitor+hist / guard / both / fastai ActivationStats, on xresnet18 and resnet18
@@ -8,8 +8,10 @@ Three tables (markdown):
 3. host time per hooked module and recorded batch on a tiny 65-module Linear/ReLU model: CPU time of a fit with the
    monitor minus without, per batch and module, on both paths (interleaved repeats, medians);
 4. (`--defer`) the same on the device path, the staged outputs copied in their hooks (the engine's `defer=False`)
-   against at the end of the forward pass (the default), in one process, interleaved, with the paired difference.
-Run: OMP_NUM_THREADS=1 python bench/engine.py [--quick] [--defer]
+   against at the end of the forward pass (the default), in one process, interleaved, with the paired difference;
+5. (`--uploads`) arrays made from host data per training batch on the device path (on a GPU each is a copy the host
+   waits for), with a batch size that changes every batch and with a frozen body, where the engine's tables change.
+Run: OMP_NUM_THREADS=1 python bench/engine.py [--quick] [--defer] [--uploads]
 """
 import argparse, os, statistics, time, warnings
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -54,7 +56,7 @@ class Count(Callback):
     def before_batch(self):
         if self.training: self.c = OpCounter().__enter__()
     def end(self):
-        c = self.c; c.__exit__(None, None, None); self.res.append((c.ops, c.calls, c.syncs, c.gpu_syncs))
+        c = self.c; c.__exit__(None, None, None); self.res.append((c.ops, c.calls, c.syncs, c.gpu_syncs, c.uploads))
 
 class CountEnd(Callback):
     "Close `Count`'s window after every callback before fastai's Recorder (order 50): our after_batch is counted"
@@ -140,6 +142,36 @@ def host_table(repeats, epochs=4):
     for p,(b,m,lo,hi) in res.items():
         print(f"| {'device path (forced on CPU)' if p=='compiled' else 'CPU path (C++ op)'} | {b:.2f} | {m:.1f} ({lo:.1f}-{hi:.1f}) |")
 
+class VarBS:
+    "Batches of `x`, `y` whose size changes every batch (new shapes each batch, as padded text batches have)"
+    def __init__(self, x, y, sizes): self.x,self.y,self.sizes,self.device = x,y,sizes,None
+    def __len__(self): return len(self.sizes)
+    def __iter__(self):
+        i = 0
+        for s in self.sizes: yield self.x[i:i+s],self.y[i:i+s]; i += s
+
+def _scenario(k):
+    if k=='xresnet18, fixed batch size': return make('xresnet18')
+    if k=='xresnet18, batch size changing every batch (64, 63, ..., 57)':
+        learn = make('xresnet18'); bs = [b for _,b in zip(range(12), learn.dls.train)]
+        x,y = torch.cat([b[0] for b in bs]),torch.cat([b[1] for b in bs])
+        learn.dls = DataLoaders(VarBS(x, y, [64-i%8 for i in range(12)]), VarBS(x, y, [64])); return learn
+    learn = make('resnet18'); learn.freeze(); return learn # `fine_tune`'s first epoch: the body has no gradients
+
+def uploads_table(nb=12):
+    "Arrays made from host data per training batch (on a GPU, host-to-device copies the host waits for), device path"
+    os.environ['DEEPSTABLE_KERNEL'] = 'compiled'
+    print('| model and loader | callbacks | arrays uploaded / batch | host syncs / batch |\n|---|---|---|---|')
+    for k in ('xresnet18, fixed batch size', 'xresnet18, batch size changing every batch (64, 63, ..., 57)',
+              'vision_learner(resnet18) frozen, as in fine_tune\'s first epoch'):
+        for name,cbs in CONFIGS.items():
+            if name in ('none', 'fastai ActivationStats'): continue
+            learn = _scenario(k); c = Count(); learn.add_cbs([c, CountEnd(c)])
+            with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=[CancelAfter(nb)]+cbs())
+            up = [r[4] for r in c.res[2:]]; sy = [r[2] for r in c.res[2:]] # from the third batch: past the first layouts
+            print(f'| {k} | {name} | {statistics.mean(up):.2f} | {statistics.mean(sy):.2f} |')
+    del os.environ['DEEPSTABLE_KERNEL']
+
 class _NoDefer(Callback):
     "Copy every staged output in its hook: the engine's behaviour before the copies waited for the forward's end"
     order = ActivationMonitor.order+1 # after the monitor's `before_train` has made the engine
@@ -173,7 +205,11 @@ if __name__=='__main__':
     ap = argparse.ArgumentParser()
     ap.add_argument('--quick', action='store_true')
     ap.add_argument('--defer', action='store_true', help='only the table of the deferred copies')
+    ap.add_argument('--uploads', action='store_true', help='only the table of arrays uploaded from the host')
     a = ap.parse_args()
+    if a.uploads:
+        print(f"torch {torch.__version__}, 1 thread, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
+        uploads_table(); raise SystemExit
     if a.defer:
         print(f"torch {torch.__version__}, 1 thread, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
         defer_table(11); raise SystemExit

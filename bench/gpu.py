@@ -6,8 +6,9 @@ none / monitor / monitor+hist / guard skip / guard rollback / both / fastai Acti
 model, two settings of the statistics engine to choose its defaults by), peak memory, the first fit's time and graphs
 compiled; then the host syncs inside this package's hooks and callback events per training batch, counted with
 `torch.cuda.set_sync_debug_mode('warn')` switched on around our code only (fastai's own syncs, `MixedPrecision`'s
-`GradScaler` for one, are not ours to count). A variant that fails gets an ERROR row and the run
-goes on; the table is rewritten after every row; past `--budget-s` seconds the remaining rows say "skipped (time)".
+`GradScaler` for one, are not ours to count), also with a batch size that changes every batch and a frozen first
+layer (new layouts and parameters without gradients: tables the engine uploads). A variant that fails gets an ERROR
+row and the run goes on; the table is rewritten after every row; past `--budget-s` seconds the remaining rows say "skipped (time)".
 `python bench/gpu.py --device cpu --quick` runs the same code on the CPU as a smoke test (tests/test_gpu_script.py).
 """
 import argparse, gc, statistics, sys, time, traceback, warnings
@@ -34,6 +35,11 @@ class DeviceDL:
     def __len__(self): return self.n
     def __iter__(self):
         for _ in range(self.n): yield self.x,self.y
+
+class VarDL(DeviceDL):
+    "`DeviceDL` with a batch size that changes every batch, as a padded text batch's shape does: new layouts each batch"
+    def __iter__(self):
+        for i in range(self.n): k = len(self.x)-i%8; yield self.x[:k],self.y[:k]
 
 class DLs:
     def __init__(self, dl):
@@ -80,11 +86,13 @@ ENGINE = {'monitor, copies in hooks (defer=False)': lambda: [ActivationMonitor()
           'monitor, all staged (direct_min=2**24)':
               lambda: [ActivationMonitor(), EngineSet(direct_min=1<<24, stage_rows=1<<14)]}
 
-def learner(arch, bs, size, n, dev, fp16):
+def learner(arch, bs, size, n, dev, fp16, vary=False):
+    "`vary`: the batch size changes every batch and the first layer is frozen (as in `fine_tune`'s first epochs)"
     set_seed(0)
     m = xresnet18(n_out=10) if arch=='xresnet18' else resnet50(num_classes=10)
+    if vary: m[0].requires_grad_(False)
     x,y = torch.randn(bs, 3, size, size, device=dev),torch.randint(0, 10, (bs,), device=dev)
-    learn = Learner(DLs(DeviceDL(x, y, n)), m.to(dev), loss_func=F.cross_entropy)
+    learn = Learner(DLs((VarDL if vary else DeviceDL)(x, y, n)), m.to(dev), loss_func=F.cross_entropy)
     if fp16: learn.add_cb(MixedPrecision())
     return learn
 
@@ -131,7 +139,7 @@ def watch(f, w):
         if not torch.cuda.is_available():
             with OpCounter() as c:
                 try: return f(*a, **k)
-                finally: w.n += c.syncs+c.gpu_syncs
+                finally: w.n += c.syncs+c.gpu_syncs+c.uploads
         with warnings.catch_warnings(record=True) as rec:
             warnings.simplefilter('always'); torch.cuda.set_sync_debug_mode('warn')
             try: return f(*a, **k)
@@ -140,10 +148,10 @@ def watch(f, w):
                 w.n += sum('synchroniz' in str(r.message) for r in rec)
     return g
 
-def sync_count(arch, dev, fp16, name, n=12):
+def sync_count(arch, dev, fp16, name, n=12, vary=False):
     "Host syncs per training batch inside this package's hooks and events (`n` batches: the update-ratio batch 8 too)"
     fresh(dev)
-    learn,w = learner(arch, 64, 32, n, dev, fp16),SyncWatch()
+    learn,w = learner(arch, 64, 32, n, dev, fp16, vary),SyncWatch()
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=CONFIGS[name]()) # compiles and autotunes, unwatched
     saved = [(c, c.__dict__.get('__call__')) for c in (_Hook, ActivationMonitor, ExplosionGuard)]
     for c,_ in saved: c.__call__ = watch(c.__call__, w) # the class's own, or the `Callback.__call__` it inherits
@@ -202,6 +210,11 @@ def main(a):
             what = f"| {'fp16' if fp16 else 'fp32'} {name} (expected: {exp}) |"
             try: emit(f"{what} {'skipped (time)' if late() else sync_count('xresnet18', dev, fp16, name)} |")
             except Exception as e: emit(f"{what} {err(e)} |")
+    for name in ('monitor', 'monitor+guard'): # new layouts every batch, parameters without gradients
+        exp = 1 if 'guard' in name else 0
+        what = f"| fp32 {name}, batch size changing every batch, stem frozen (expected: {exp}) |"
+        try: emit(f"{what} {'skipped (time)' if late() else sync_count('xresnet18', dev, False, name, vary=True)} |")
+        except Exception as e: emit(f"{what} {err(e)} |")
     out.extend(['', '| model | bs | precision | callbacks | ms/step | x none | first fit s (graphs) | peak GiB |',
                 '|---|---|---|---|---|---|---|---|'])
     for g in gs[1:]: section(*g)

@@ -100,6 +100,7 @@ class StatsEngine:
         self.handles.append(self.model.register_forward_hook(H(self, -1), always_call=True))
         self.raw = self.rhist = None
         self._slots,self._meta,self._ids,self._nidx,self._defer,self._warned,self._tr = {},{},None,{},{},False,True
+        self._have = None # which parameters have a gradient, when not all: see `module_norms`
         self._params(); self._reset()
 
     def _reset(self):
@@ -200,6 +201,14 @@ def _h(self:StatsEngine, hist):
 
 # %% ../nbs/02_engine.ipynb #dd100a4b
 _compiling = torch.compiler.is_compiling
+_UPLOADING = [0] # inside `_upload`: `OpCounter` does not count its copy as one that waits
+
+def _upload(xs, dtype, dev):
+    "Host values `xs` as a tensor on `dev`; to CUDA from pinned memory, without making the host wait for the GPU"
+    pin = dev.type=='cuda'
+    _UPLOADING[0] += 1
+    try: return torch.tensor(xs, dtype=dtype, pin_memory=pin).to(dev, non_blocking=pin)
+    finally: _UPLOADING[0] -= 1
 
 @patch
 def _slot(self:StatsEngine, p, t):
@@ -254,7 +263,7 @@ def _flush(self:StatsEngine, final:bool=True): # False: the buffer is full, the 
             r = (n+ROW-1)//ROW
             ln += [ROW]*(r-1)+[n-(r-1)*ROW]; seg += [i]*r
         dev = self.raw.device
-        meta = self._meta[k] = (torch.tensor(ln, dtype=torch.int32, device=dev), torch.tensor(seg, device=dev))
+        meta = self._meta[k] = (_upload(ln, torch.int32, dev), _upload(seg, torch.long, dev))
     hist = self.do_hist and self.rhist is not None
     self.raw,rh,self._stats = _kernels['staged'](self.stage[:self._pos], *meta, self.raw, self.near_zero, len(self),
                                                  *self._h(hist))
@@ -366,7 +375,7 @@ def param_grad_norms(self:StatsEngine, ps:list, # Parameters that all have a gra
         _,ck,cids,cvs,n = c
         if (ck,k) not in self._nidx and len(self._nidx)<16: # positions of `ps` in the measured list, once per pair
             pos = {o:j for j,o in enumerate(ck)}; js = [pos.get(o, -1) for o in k]
-            self._nidx[(ck,k)] = js,(None if min(js)<0 else torch.tensor(js, device=n.device))
+            self._nidx[(ck,k)] = js,(None if min(js)<0 else _upload(js, torch.long, n.device))
         js,ix = self._nidx.get((ck,k), (None,None))
         if ix is not None and all(cids[j]==id(g) and cvs[j]==g._version for j,g in zip(js, gs)): return n[ix]
     n = torch.stack(torch._foreach_norm(gs)).float()
@@ -384,10 +393,14 @@ def module_norms(self:StatsEngine, ts, has=None):
         have = [j for j,t in enumerate(ts) if t is not None]
         if not have: return res
         if len(have)==len(ts): norms,has = torch.stack(torch._foreach_norm(ts)).float(),self._all_true(dev)
-        else:
-            norms = torch.zeros(len(self.params), device=dev)
-            has = torch.zeros(len(self.params), dtype=torch.bool, device=dev)
-            norms[have] = torch.stack(torch._foreach_norm([ts[j] for j in have])).float().to(dev); has[have] = True
+        else: # some have none (frozen): index and mask made once per set, not uploaded from a list every batch
+            k = (tuple(have), dev)
+            if self._have is None or self._have[0]!=k:
+                ix = _upload(have, torch.long, dev)
+                self._have = k,ix,torch.zeros(len(self.params), dtype=torch.bool, device=dev).index_fill_(0, ix, True)
+            _,ix,has = self._have
+            vs = torch.stack(torch._foreach_norm([ts[j] for j in have])).float().to(dev)
+            norms = torch.zeros(len(self.params), device=dev).index_copy_(0, ix, vs)
     else: norms,has = ts.to(dev).float(),(torch.ones_like(ts, dtype=torch.bool) if has is None else has).to(dev)
     if self._pairs.device!=dev: self._pairs = self._pairs.to(dev)
     mi,pj = self._pairs
@@ -430,14 +443,15 @@ def _gpu_sync(func, args):
             and any(isinstance(i, torch.Tensor) and i.dtype==torch.bool for i in args[1]))
 
 class OpCounter(TorchDispatchMode):
-    "Count aten ops (`ops`, `by_op`), compiled calls (`calls`), host syncs (`syncs`) and GPU-only ones (`gpu_syncs`)"
+    "Count aten ops (`ops`, `by_op`), compiled calls (`calls`), host syncs (`syncs`, and GPU-only: `gpu_syncs`, `uploads`)"
     def __init__(self, inline:bool=False): # Run the engine's compiled functions as plain PyTorch, counting their ops
         super().__init__()
-        self.ops,self.syncs,self.gpu_syncs,self.by_op,self._orig,self.inline = 0,0,0,{},{},inline
+        self.ops,self.syncs,self.gpu_syncs,self.uploads,self.by_op,self._orig,self.inline = 0,0,0,0,{},{},inline
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1; k = str(func.overloadpacket); self.by_op[k] = self.by_op.get(k, 0)+1
         if k=='aten._local_scalar_dense': self.syncs += 1
         elif _gpu_sync(func, args): self.gpu_syncs += 1
+        elif k=='aten.lift_fresh' and args[0].dim() and not _UPLOADING[0]: self.uploads += 1 # an array from host data
         return func(*args, **(kwargs or {}))
     def __enter__(self):
         self._c0 = compiled.total; compiled.counting += 1; compiled.inline += self.inline

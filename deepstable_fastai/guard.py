@@ -15,7 +15,7 @@ from copy import deepcopy
 from types import MethodType
 from fastai.callback.core import Callback, CancelStepException, CancelFitException, CancelBatchException
 from .stats import STATS, act_types, compiled, kernel_path
-from .engine import training_fit, fit_running, StatsEngine, batch_key
+from .engine import training_fit, fit_running, StatsEngine, batch_key, _upload
 from .distrib import gather_rows, strip_ddp, ddp_modules, is_dist, world
 from .trackers import log_event, pkg_reduce_ex
 
@@ -246,8 +246,13 @@ class _FitState:
 def _order(self:ExplosionGuard):
     "This batch's forward order of the engine's modules, as a device index tensor (cached)"
     k = tuple(dict.fromkeys(self._engine.order))
-    if k not in self._fit.cache: self._fit.cache[k] = torch.tensor(k, dtype=torch.long, device=self._base.dev)
+    if k not in self._fit.cache: _cache(self._fit.cache)[k] = _upload(k, torch.long, self._base.dev)
     return self._fit.cache[k]
+
+def _cache(d, n=64):
+    "`d`, emptied when it holds `n` entries: a model whose order changes with the data (layer drop) must not grow it"
+    if len(d)>=n: d.clear()
+    return d
 
 def _at(t, p):
     "`t[p]` for a one-element index tensor `p`, without the host read that indexing with a tensor does"
@@ -312,7 +317,7 @@ def _rank(self:ExplosionGuard, ii):
     f = self._fit; k = (f.last_order, ii)
     if k not in f.cache:
         pos = {m:j for j,m in enumerate(k[0])}
-        f.cache[k] = torch.tensor([float(pos.get(f.pmod[i], -1)) for i in ii], device=self._base.dev)
+        _cache(f.cache)[k] = _upload([float(pos.get(f.pmod[i], -1)) for i in ii], torch.float32, self._base.dev)
     return f.cache[k]
 
 def _bwd_math(n, rank, gthr, fwd, cur):
@@ -391,7 +396,7 @@ def _modules_changed(self:ExplosionGuard):
     e,f,dev = self._engine,self._fit,self._base.dev
     f.nmods,f.cache,f.flight = len(e),{},None
     if len(self._base.vcnt)!=len(e): self._base.resize(len(e))
-    self._act = torch.tensor([isinstance(m, act_types) for m in e.modules], device=dev)
+    self._act = _upload([isinstance(m, act_types) for m in e.modules], torch.bool, dev)
     pmod = {id(p):i for i,m in enumerate(e.modules) for p in m.parameters(recurse=False)}
     f.pmod = [pmod.get(id(p), -1) for _,p in f.params]
 

@@ -12,7 +12,7 @@ from fastcore.foundation import L
 from fastai.callback.core import Callback
 from fastai.torch_core import subplots
 from .stats import STATS
-from .engine import training_fit, fit_running, StatsEngine, batch_key
+from .engine import training_fit, fit_running, StatsEngine, batch_key, _upload
 from .distrib import strip_ddp, ddp_modules, is_dist, same_on_ranks, all_reduce_stats, all_reduce_sum
 from .trackers import trackers, log_records, pkg_reduce_ex
 
@@ -124,10 +124,11 @@ def _per_param(self:ActivationMonitor, v):
     n = len(e.params)
     if len(self._live)==n: return e.module_norms(v.to(dev).float(), e._all_true(dev))
     k = tuple(self._live)
-    if self._lix is None or self._lix[0]!=k: self._lix = k,torch.tensor(k, device=dev) # once per set: no copy per batch
-    full,has = torch.zeros(n, device=dev),torch.zeros(n, dtype=torch.bool, device=dev)
-    full[self._lix[1]] = v.to(dev).float(); has[self._lix[1]] = True
-    return self._engine.module_norms(full, has)
+    if self._lix is None or self._lix[0]!=k: # once per set: no copy per batch
+        ix = _upload(k, torch.long, dev)
+        self._lix = k,ix,torch.zeros(n, dtype=torch.bool, device=dev).index_fill_(0, ix, True)
+    _,ix,has = self._lix
+    return self._engine.module_norms(torch.zeros(n, device=dev).index_copy_(0, ix, v.to(dev).float()), has)
 
 # %% ../nbs/05_monitor.ipynb #e97489bb
 def _flat(p):

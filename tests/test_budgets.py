@@ -1,6 +1,6 @@
 """The device path's budgets, measured on the CPU with it forced (`DEEPSTABLE_KERNEL=compiled`): dispatched ops and
-compiled-kernel calls per hooked output, host syncs per batch, compiles per fit. Host time is a benchmark
-(`bench/engine.py`), not a test: counts are exact, timings on a shared machine are not."""
+compiled-kernel calls per hooked output, host syncs per batch (arrays uploaded from the host too), compiles per fit.
+Host time is a benchmark (`bench/engine.py`), not a test: counts are exact, timings on a shared machine are not."""
 import os, statistics
 import pytest, torch, torch.nn as nn, torch.nn.functional as F
 import torch._dynamo.utils as du
@@ -20,7 +20,7 @@ import fastai.callback.progress # `Learner.no_bar`, `no_logging`
 def device_path(monkeypatch): monkeypatch.setenv('DEEPSTABLE_KERNEL', 'compiled')
 
 GPU_SUSPECTS = ('aten.nanmedian', 'aten.nonzero', 'aten.index', 'aten.index_put_', 'aten.masked_select',
-                'aten._unique2') # named in a failure message
+                'aten._unique2', 'aten.lift_fresh') # named in a failure message
 
 class Count(Callback):
     "Ops, compiled calls and syncs from `before_batch` to `CountEnd` (our `after_batch` included), per batch and phase"
@@ -117,6 +117,36 @@ def test_no_gpu_syncs(model):
         c = Count(inline=True)
         fit_counted((tiny if model=='tiny' else xres)(), c, [StopAfter(12)]+cbs())
         assert not c.gpu, f'{model} {name}: ops that sync on a GPU: {c.gpu}'
+
+class VarBS:
+    "A loader whose batch size changes every batch (new shapes each batch, as padded text batches have)"
+    def __init__(self, x, y, sizes): self.x,self.y,self.sizes,self.device = x,y,sizes,None
+    def __len__(self): return len(self.sizes)
+    def __iter__(self):
+        i = 0
+        for s in self.sizes: yield self.x[i:i+s],self.y[i:i+s]; i += s
+
+class Uploads(Count):
+    "Arrays made from host data per training batch (a host sync each on a GPU), from the third batch on"
+    def before_fit(self): self.ups = []
+    def end(self):
+        c = self.c; super().end()
+        if self.training and self.iter>=2: self.ups.append(c.uploads)
+
+@pytest.mark.parametrize('frozen', [False, True])
+def test_no_uploads(frozen):
+    "New shapes every batch, and parameters without gradients: no array copied from the host per batch"
+    for name,cbs in CFGS.items():
+        set_seed(0)
+        m = nn.Sequential(nn.Linear(8,16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16,16), nn.ReLU(), nn.Linear(16,1))
+        if frozen: m[0].requires_grad_(False)
+        x = torch.randn(400, 8); y = x.sum(1, keepdim=True)
+        learn = Learner(DataLoaders(VarBS(x, y, [16+i for i in range(12)]), VarBS(x, y, [64])), m, loss_func=F.mse_loss)
+        c = Uploads(inline=True)
+        fit_counted(learn, c, cbs())
+        assert len(c.ups)==10 and not any(c.ups), (name, c.ups)
+        assert not c.gpu, (name, c.gpu)
+        assert [r[2] for r in c.res[True]]==[0 if name.startswith('monitor') else 1]*12, (name, c.res[True])
 
 class Fault(Callback):
     "Make training batch `at` non-finite: one sample of its input (`'input'`), or a gradient (`'grad'`)"

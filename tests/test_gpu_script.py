@@ -14,5 +14,6 @@ def test_gpu_script_runs_on_cpu(tmp_path):
                                                        'monitor, all staged (direct_min=2**24)']
     assert all(float(l.split('|')[5]) > 0 for l in rows)
     syncs = {l.split('|')[1].strip():l.split('|')[2].strip() for l in out.read_text().splitlines() if 'expected' in l}
-    assert len(syncs)==4, syncs # on the CPU `OpCounter` counts: the monitor none, the guard its one read per batch
+    assert len(syncs)==6, syncs # on the CPU `OpCounter` counts: the monitor none, the guard its one read per batch
+    assert sum('changing' in k for k in syncs)==2, syncs # also with new shapes each batch and a frozen layer
     for k,v in syncs.items(): assert v.startswith('1.00' if 'guard' in k else '0.00'), (k, v)

@@ -194,6 +194,30 @@ def test_entry_points(how):
         assert 0 in pos and len(pos)<=(2 if how=='mixup' else 1) and len(evs[0]['samples'])==len(pos), evs[0]
     if how=='fine_tune': assert len(g.events)==1  # the frozen fit had its own event list; the last fit's is kept
 
+class LayerDrop(nn.Module):
+    "Skips each of its layers at random in training, so the modules' forward order changes nearly every batch"
+    def __init__(self, n=8):
+        super().__init__(); self.inp,self.ls,self.out = nn.Linear(64,16),nn.ModuleList(nn.Linear(16,16) for _ in range(n)),nn.Linear(16,10)
+    def forward(self, x):
+        x = self.inp(x.flatten(1))
+        for l in self.ls:
+            if not self.training or torch.rand(()).item()>0.5: x = x + l(x).relu()
+        return self.out(x)
+
+def test_changing_order_bounded():
+    "Layer drop: a new forward order almost every batch; the guard's per-order tables stay bounded, its verdicts right"
+    class Size(Callback):
+        order = 11
+        def before_fit(self): self.most = 0
+        def after_batch(self): self.most = max(self.most, len(self.learn.explosion_guard._fit.cache))
+    set_seed(0)
+    learn = Learner(digits_dls(flat=True, bs=8), LayerDrop(), loss_func=CrossEntropyLossFlat(),
+                    cbs=[ExplosionGuard('skip', verbose=False), Size()])
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=NaNAt(100))
+    assert len(learn.dls.train)>=150 and 0<learn.size.most<=64, (len(learn.dls.train), learn.size.most)
+    ev = learn.explosion_guard.events
+    assert [e['train_iter'] for e in ev]==[100] and ev[0]['layer']=='input', ev
+
 # ---- the host-sync budget -----------------------------------------------------------------------------------
 def _syncs(cbs, n_epoch=1, validate=False):
     from deepstable_fastai.engine import OpCounter
