@@ -205,7 +205,7 @@ _UPLOADING = [0] # inside `_upload`: `OpCounter` does not count its copy as one 
 
 def _upload(xs, dtype, dev):
     "Host values `xs` as a tensor on `dev`; to CUDA from pinned memory, without making the host wait for the GPU"
-    pin = dev.type=='cuda'
+    pin = torch.device(dev).type=='cuda'
     _UPLOADING[0] += 1
     try: return torch.tensor(xs, dtype=dtype, pin_memory=pin).to(dev, non_blocking=pin)
     finally: _UPLOADING[0] -= 1

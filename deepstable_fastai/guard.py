@@ -444,8 +444,9 @@ def _fly(self:ExplosionGuard, s):
 def _flight_now(self:ExplosionGuard):
     f = self._fit
     if f is None or f.flight is None: return None
-    k = min(f.nflight, self.flight_batches); ii = [(f.nflight-k+j) % self.flight_batches for j in range(k)]
-    return [f.fiters[i] for i in ii], f.flight[ii].clone(), [strip_ddp(n) for n in self._engine.names]
+    fb,k = self.flight_batches,min(f.nflight, self.flight_batches); ii = [(f.nflight-k+j) % fb for j in range(k)]
+    rows = f.flight[:k].clone() if f.nflight<=fb else f.flight.roll(-(f.nflight%fb), 0) # oldest first, no upload
+    return [f.fiters[i] for i in ii], rows, [strip_ddp(n) for n in self._engine.names]
 
 @patch
 def flight(self:ExplosionGuard, ev=-1 # An event of `events`, or its index
@@ -612,7 +613,7 @@ def _leaf_row(rec, dev):
     "Row `[born, leaf, pos, input_bad, leaf, pos]`: the first leaf that made a NaN, the first that got one"
     if not rec: return torch.zeros(6, device=dev)
     ob,ib = torch.stack([r[1] for r in rec]).to(dev),torch.stack([r[2] for r in rec]).to(dev)
-    li = torch.tensor([float(r[0]) for r in rec], device=dev)
+    li = _upload([float(r[0]) for r in rec], torch.float32, dev)
     born = ob & ~ib
     p,q = born.int().argmax().view(1),ib.int().argmax().view(1)
     return torch.cat([born.any().float().view(1), _at(li, p), p.float(),
@@ -712,7 +713,7 @@ def _blame(self:ExplosionGuard):
     saved = [b.clone() for b in bufs]
     def bad(ix):
         n[0] += 1; rec.clear()
-        j = torch.tensor(ix*2 if len(ix)==1 else ix, device=t.device) # a sample alone runs twice: BatchNorm needs two
+        j = _upload(ix*2 if len(ix)==1 else ix, torch.long, t.device) # a sample alone runs twice: BatchNorm needs two
         try:
             with torch.no_grad():
                 out = m(*[_take(o, j, bs) for o in xb])

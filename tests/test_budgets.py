@@ -30,8 +30,8 @@ class Count(Callback):
     def end(self):
         c = self.c; c.__exit__(None, None, None); self.open = False
         self.res[self.training].append((c.ops, c.calls, c.syncs))
-        if c.gpu_syncs: # the total, and the suspects by name for the failure message
-            self.gpu['total'] = self.gpu.get('total', 0)+c.gpu_syncs
+        if c.gpu_syncs or c.uploads: # the total (arrays uploaded too), and the suspects by name for the failure message
+            self.gpu['total'] = self.gpu.get('total', 0)+c.gpu_syncs+c.uploads
             self.gpu.update({k:v for k,v in c.by_op.items() if k in GPU_SUSPECTS})
     def close(self):
         "Close a window a fit left open (it raised): the counter's mode must not stay on for the next test"
