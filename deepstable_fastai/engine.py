@@ -204,7 +204,7 @@ _compiling = torch.compiler.is_compiling
 _UPLOADING = [0] # inside `_upload`: `OpCounter` does not count its copy as one that waits
 
 def _upload(xs, dtype, dev):
-    "Host values `xs` as a tensor on `dev`; to CUDA from pinned memory, without making the host wait for the GPU"
+    "Host values `xs` as a tensor on `dev`: to CUDA from pinned memory, without making the host wait"
     pin = torch.device(dev).type=='cuda'
     _UPLOADING[0] += 1
     try: return torch.tensor(xs, dtype=dtype, pin_memory=pin).to(dev, non_blocking=pin)
@@ -424,9 +424,10 @@ def grad_norms(self:StatsEngine, scaled:bool=False # The gradients still carry a
     "Per-module gradient norms of this batch (NaN where there is none), cached per batch"
     if self._gn is None:
         ps = self.params
-        if ps and all(p.grad is not None for p in ps):
+        if ps and all(p.grad is not None and p.requires_grad for p in ps):
             self._gn = self.module_norms(self.param_grad_norms(ps, scaled), self._all_true(ps[0].device))
-        else: self._gn = self.module_norms([p.grad for p in ps])
+        else: # a parameter frozen after training keeps the zeroed gradient fastai left it: it has none
+            self._gn = self.module_norms([p.grad if p.requires_grad else None for p in ps])
     return self._gn
 
 # %% ../nbs/02_engine.ipynb #62e5ab2d
