@@ -444,7 +444,7 @@ def _gpu_sync(func, args):
             and any(isinstance(i, torch.Tensor) and i.dtype==torch.bool for i in args[1]))
 
 class OpCounter(TorchDispatchMode):
-    "Count aten ops (`ops`, `by_op`), compiled calls (`calls`), host syncs (`syncs`, and GPU-only: `gpu_syncs`, `uploads`)"
+    "Count aten ops (`ops`, `by_op`), compiled calls (`calls`), host syncs (`syncs`; GPU-only: `gpu_syncs`, `uploads`)"
     def __init__(self, inline:bool=False): # Run the engine's compiled functions as plain PyTorch, counting their ops
         super().__init__()
         self.ops,self.syncs,self.gpu_syncs,self.uploads,self.by_op,self._orig,self.inline = 0,0,0,0,{},{},inline
