@@ -22,6 +22,7 @@ from fastai.callback.hook import ActivationStats
 from fastai.vision.models.xresnet import xresnet18
 from fastai.test_utils import synth_learner
 import torch._dynamo.utils as du
+from torch.utils.data import DataLoader, TensorDataset
 from deepstable_fastai.data import digits_dls, digits_image_dls
 from deepstable_fastai.monitor import ActivationMonitor
 from deepstable_fastai.guard import ExplosionGuard
@@ -142,20 +143,17 @@ def host_table(repeats, epochs=4):
     for p,(b,m,lo,hi) in res.items():
         print(f"| {'device path (forced on CPU)' if p=='compiled' else 'CPU path (C++ op)'} | {b:.2f} | {m:.1f} ({lo:.1f}-{hi:.1f}) |")
 
-class VarBS:
-    "Batches of `x`, `y` whose size changes every batch (new shapes each batch, as padded text batches have)"
-    def __init__(self, x, y, sizes): self.x,self.y,self.sizes,self.device = x,y,sizes,None
-    def __len__(self): return len(self.sizes)
-    def __iter__(self):
-        i = 0
-        for s in self.sizes: yield self.x[i:i+s],self.y[i:i+s]; i += s
+def var_bs(x, y, sizes):
+    "A loader of `x`, `y` whose batch size changes every batch (new shapes each batch, as padded text batches have)"
+    c = [sum(sizes[:i]) for i in range(len(sizes)+1)]
+    return DataLoader(TensorDataset(x, y), batch_sampler=[range(a, b) for a,b in zip(c, c[1:])])
 
 def _scenario(k):
     if k=='xresnet18, fixed batch size': return make('xresnet18')
     if k=='xresnet18, batch size changing every batch (64, 63, ..., 57)':
         learn = make('xresnet18'); bs = [b for _,b in zip(range(12), learn.dls.train)]
         x,y = torch.cat([b[0] for b in bs]),torch.cat([b[1] for b in bs])
-        learn.dls = DataLoaders(VarBS(x, y, [64-i%8 for i in range(12)]), VarBS(x, y, [64])); return learn
+        learn.dls = DataLoaders(var_bs(x, y, [64-i%8 for i in range(12)]), var_bs(x, y, [64])); return learn
     learn = make('resnet18'); learn.freeze(); return learn # `fine_tune`'s first epoch: the body has no gradients
 
 def uploads_table(nb=12):

@@ -100,7 +100,7 @@ class StatsEngine:
         self.handles.append(self.model.register_forward_hook(H(self, -1), always_call=True))
         self.raw = self.rhist = None
         self._slots,self._meta,self._ids,self._nidx,self._defer,self._warned,self._tr = {},{},None,{},{},False,True
-        self._have = None # which parameters have a gradient, when not all: see `module_norms`
+        self._ixs = {} # index and mask of a subset of `params` (those with gradients...), per subset: see `_index`
         self._params(); self._reset()
 
     def _reset(self):
@@ -209,6 +209,11 @@ def _upload(xs, dtype, dev):
     _UPLOADING[0] += 1
     try: return torch.tensor(xs, dtype=dtype, pin_memory=pin).to(dev, non_blocking=pin)
     finally: _UPLOADING[0] -= 1
+
+def _cache(d, n=64):
+    "`d`, emptied when it holds `n` entries: a model whose order changes with the data (layer drop) must not grow it"
+    if len(d)>=n: d.clear()
+    return d
 
 @patch
 def _slot(self:StatsEngine, p, t):
@@ -393,12 +398,8 @@ def module_norms(self:StatsEngine, ts, has=None):
         have = [j for j,t in enumerate(ts) if t is not None]
         if not have: return res
         if len(have)==len(ts): norms,has = torch.stack(torch._foreach_norm(ts)).float(),self._all_true(dev)
-        else: # some have none (frozen): index and mask made once per set, not uploaded from a list every batch
-            k = (tuple(have), dev)
-            if self._have is None or self._have[0]!=k:
-                ix = _upload(have, torch.long, dev)
-                self._have = k,ix,torch.zeros(len(self.params), dtype=torch.bool, device=dev).index_fill_(0, ix, True)
-            _,ix,has = self._have
+        else: # some have none (frozen)
+            ix,has = self._index(have, dev)
             vs = torch.stack(torch._foreach_norm([ts[j] for j in have])).float().to(dev)
             norms = torch.zeros(len(self.params), device=dev).index_copy_(0, ix, vs)
     else: norms,has = ts.to(dev).float(),(torch.ones_like(ts, dtype=torch.bool) if has is None else has).to(dev)
@@ -409,6 +410,15 @@ def module_norms(self:StatsEngine, ts, has=None):
     sq = torch.where(has, norms*norms, 0.)
     tot,cnt = torch.zeros_like(res).index_add_(0, mi, sq[pj]),torch.zeros_like(res).index_add_(0, mi, has[pj].float())
     return torch.where(cnt>0, tot.sqrt(), res)
+
+@patch
+def _index(self:StatsEngine, have, dev):
+    "Index tensor of the positions `have` in `params`, and their mask, on `dev`: made once per set, not every batch"
+    k = (tuple(have), dev) # a list uploaded every batch would make the host wait for a GPU
+    if k not in self._ixs:
+        ix = _upload(k[0], torch.long, dev)
+        _cache(self._ixs, 8)[k] = ix,torch.zeros(len(self.params), dtype=torch.bool, device=dev).index_fill_(0, ix, True)
+    return self._ixs[k]
 
 @patch
 def _all_true(self:StatsEngine, dev):

@@ -15,7 +15,7 @@ from copy import deepcopy
 from types import MethodType
 from fastai.callback.core import Callback, CancelStepException, CancelFitException, CancelBatchException
 from .stats import STATS, act_types, compiled, kernel_path
-from .engine import training_fit, fit_running, StatsEngine, batch_key, _upload
+from .engine import training_fit, fit_running, StatsEngine, batch_key, _upload, _cache
 from .distrib import gather_rows, strip_ddp, ddp_modules, is_dist, world
 from .trackers import log_event, pkg_reduce_ex
 
@@ -248,11 +248,6 @@ def _order(self:ExplosionGuard):
     k = tuple(dict.fromkeys(self._engine.order))
     if k not in self._fit.cache: _cache(self._fit.cache)[k] = _upload(k, torch.long, self._base.dev)
     return self._fit.cache[k]
-
-def _cache(d, n=64):
-    "`d`, emptied when it holds `n` entries: a model whose order changes with the data (layer drop) must not grow it"
-    if len(d)>=n: d.clear()
-    return d
 
 def _at(t, p):
     "`t[p]` for a one-element index tensor `p`, without the host read that indexing with a tensor does"

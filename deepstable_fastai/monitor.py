@@ -12,7 +12,7 @@ from fastcore.foundation import L
 from fastai.callback.core import Callback
 from fastai.torch_core import subplots
 from .stats import STATS
-from .engine import training_fit, fit_running, StatsEngine, batch_key, _upload
+from .engine import training_fit, fit_running, StatsEngine, batch_key
 from .distrib import strip_ddp, ddp_modules, is_dist, same_on_ranks, all_reduce_stats, all_reduce_sum
 from .trackers import trackers, log_records, pkg_reduce_ex
 
@@ -53,7 +53,7 @@ class ActivationMonitor(Callback):
         self.modules,self.names,self.buf,self.hbuf,self.pos = modules,[],None,None,None
         self.k,self.stride,self._off = 0,1,0
         self._engine,self._on,self._started,self._rec,self._upd = None,False,False,False,False
-        self._snap,self._lix,self._g,self._nest,self._posn = None,None,None,0,None
+        self._snap,self._g,self._nest,self._posn = None,None,0,None
 
 # %% ../nbs/05_monitor.ipynb #a49d4595
 @patch
@@ -123,11 +123,7 @@ def _per_param(self:ActivationMonitor, v):
     e,dev = self._engine,self._nan.device
     n = len(e.params)
     if len(self._live)==n: return e.module_norms(v.to(dev).float(), e._all_true(dev))
-    k = tuple(self._live)
-    if self._lix is None or self._lix[0]!=k: # once per set: no copy per batch
-        ix = _upload(k, torch.long, dev)
-        self._lix = k,ix,torch.zeros(n, dtype=torch.bool, device=dev).index_fill_(0, ix, True)
-    _,ix,has = self._lix
+    ix,has = e._index(self._live, dev)
     return self._engine.module_norms(torch.zeros(n, device=dev).index_copy_(0, ix, v.to(dev).float()), has)
 
 # %% ../nbs/05_monitor.ipynb #e97489bb
@@ -251,7 +247,7 @@ def after_fit(self:ActivationMonitor):
     if self._started: self._to_trackers()
     fitted = self._started # a training fit that ended normally or was cancelled: every rank is here
     if self._engine is not None: self._engine.release(self.learn, self)
-    self._engine,self._snap,self._lix,self._g,self._nan,self._started,self._rec,self._posn = (None,)*5+(False,False,None)
+    self._engine,self._snap,self._g,self._nan,self._started,self._rec,self._posn = (None,)*4+(False,False,None)
     if self.buf is not None: self.buf = self.buf.cpu()
     if self.hbuf is not None: self.hbuf = self.hbuf.cpu()
     if fitted: self._merge_ranks(getattr(self, '_k0', 0))
@@ -264,7 +260,7 @@ def remove(self:ActivationMonitor):
 @patch
 def __getstate__(self:ActivationMonitor):
     "Pickle the settings; the history only with `keep_history`"
-    d = {**self.__dict__, '_engine':None, '_snap':None, '_lix':None, '_g':None, '_nan':None, '_posn':None,
+    d = {**self.__dict__, '_engine':None, '_snap':None, '_g':None, '_nan':None, '_posn':None,
          '_started':False, '_rec':False, '_nest':0}
     if not self.keep_history: d.update(names=[], buf=None, hbuf=None, pos=None, k=0, stride=1, _off=0)
     return d
@@ -272,7 +268,7 @@ def __getstate__(self:ActivationMonitor):
 @patch
 def __setstate__(self:ActivationMonitor, d):
     "Unpickle; a monitor exported before a setting existed gets its default"
-    self.__dict__.update(update_sample=16384, _lix=None); Callback.__setstate__(self, d)
+    self.__dict__.update(update_sample=16384); Callback.__setstate__(self, d)
 
 # %% ../nbs/05_monitor.ipynb #ec85fea0
 @patch

@@ -6,6 +6,7 @@ import pytest, torch, torch.nn as nn, torch.nn.functional as F
 import torch._dynamo.utils as du
 from fastai.learner import Learner
 from fastai.data.core import DataLoaders
+from torch.utils.data import DataLoader, TensorDataset
 from fastai.callback.core import Callback, CancelTrainException
 from fastai.torch_core import set_seed
 from fastai.callback.hook import ActivationStats
@@ -118,13 +119,10 @@ def test_no_gpu_syncs(model):
         fit_counted((tiny if model=='tiny' else xres)(), c, [StopAfter(12)]+cbs())
         assert not c.gpu, f'{model} {name}: ops that sync on a GPU: {c.gpu}'
 
-class VarBS:
-    "A loader whose batch size changes every batch (new shapes each batch, as padded text batches have)"
-    def __init__(self, x, y, sizes): self.x,self.y,self.sizes,self.device = x,y,sizes,None
-    def __len__(self): return len(self.sizes)
-    def __iter__(self):
-        i = 0
-        for s in self.sizes: yield self.x[i:i+s],self.y[i:i+s]; i += s
+def var_bs(x, y, sizes):
+    "A loader of `x`, `y` whose batch size changes every batch (new shapes each batch, as padded text batches have)"
+    c = [sum(sizes[:i]) for i in range(len(sizes)+1)]
+    return DataLoader(TensorDataset(x, y), batch_sampler=[range(a, b) for a,b in zip(c, c[1:])])
 
 class Uploads(Count):
     "Arrays made from host data per training batch (a host sync each on a GPU), from the third batch on"
@@ -141,7 +139,7 @@ def test_no_uploads(frozen):
         m = nn.Sequential(nn.Linear(8,16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16,16), nn.ReLU(), nn.Linear(16,1))
         if frozen: m[0].requires_grad_(False)
         x = torch.randn(400, 8); y = x.sum(1, keepdim=True)
-        learn = Learner(DataLoaders(VarBS(x, y, [16+i for i in range(12)]), VarBS(x, y, [64])), m, loss_func=F.mse_loss)
+        learn = Learner(DataLoaders(var_bs(x, y, [16+i for i in range(12)]), var_bs(x, y, [64])), m, loss_func=F.mse_loss)
         c = Uploads(inline=True)
         fit_counted(learn, c, cbs())
         assert len(c.ups)==10 and not any(c.ups), (name, c.ups)
