@@ -188,7 +188,8 @@ def _acc(self:StatsEngine, i, t):
     if self._mode=='cpp':
         torch.ops.deepstable.acc_(t, self.raw, i, self.near_zero)
         if hist: torch.ops.deepstable.hist_(t, self.rhist, i, *self.hist_range[:2])
-    elif n>min(self.direct_min, self.stage_rows*ROW) or self._mode=='direct': # too big to stage
+    elif n>min(self.direct_min, self.stage_rows*ROW) or self._mode=='direct' or t.dtype==torch.float64:
+        # too big to stage, or float64, which the float32 staging buffer would round (to Inf past 3.4e38)
         if type(t) is not torch.Tensor: t = t.as_subclass(torch.Tensor) # dynamo then sees a plain tensor
         self.raw,rh = _kernels['direct'](t, self._ids[i], self.raw, self.near_zero, *self._h(hist))
         if hist: self.rhist = rh

@@ -285,15 +285,16 @@ def _fwd_math(s, o, act, vcnt, athr, l, lthr, std_max:float, absmax_max:float, s
     thr = athr[o]
     over,huge = std>std_max,amax>absmax_max
     ex = ~out_bad & (over | huge | (std>thr))
+    z = std.new_zeros(()) # `torch.where` given a Python float keeps the value of its first compile: add it to a tensor
     exr = _first(ex, o, torch.where(huge & ~over, amax, std),
-                 torch.where(over, std_max, torch.where(huge, absmax_max, thr)))
+                 torch.where(over, z+std_max, torch.where(huge, z+absmax_max, thr)))
     a = act[o]
     ref = std_min*torch.where(a, std, 0.).nan_to_num(0., 0., 0.).cummax(0).values # the largest activation so far
     low = std<ref
     va = a & (low | (r[:,_ZERO]>dead_max))
     c = torch.where(va, vcnt[o]+1, 0.)
     if count: vcnt.index_copy_(0, o, c)
-    var = _first(c==patience, o, torch.where(low, std, r[:,_ZERO]), torch.where(low, ref, dead_max))
+    var = _first(c==patience, o, torch.where(low, std, r[:,_ZERO]), torch.where(low, ref, z+dead_max))
     return torch.stack([bad, lrow, exr, var, srow]),s[:,_STD],lm
 
 @patch

@@ -225,6 +225,12 @@ def after_batch(self:ActivationMonitor):
     self.k += 1
     if self.k==self.cap: self._halve()
 
+@patch
+def after_cancel_fit(self:ActivationMonitor):
+    "Write the record of the batch the fit was cancelled in: fastai skips that batch's `after_batch`"
+    if not self._nest: self.after_batch()
+
+
 # %% ../nbs/05_monitor.ipynb #8f66064b
 @patch
 def _halve(self:ActivationMonitor):

@@ -83,14 +83,14 @@ _INF = float('inf')
 
 def _row_sums(x, near_zero:float, ln=None):
     "Per-row `[n, mean, M2, absmax, n_near_zero, n_zero, n_nan, n_inf]` (float64) of `x` `(m, ROW)`, first `ln` per row"
-    x = x.float()
+    x = x if x.dtype==torch.float64 else x.float()
     c = x[:,0]; c = torch.where(c.abs()<_INF, c, 0.)
     if ln is None: ln,xv,pad = torch.full_like(c, x.shape[1]),x,torch.zeros_like(c)
     else: # padding equal to the shift adds nothing to the sums; the counts are corrected
         xv = torch.where(torch.arange(x.shape[1], device=x.device, dtype=torch.int32)[None] < ln[:,None], x, c[:,None])
         pad = (x.shape[1]-ln).float()
-    d,a = xv-c[:,None],xv.abs()
-    s,q = d.sum(1).double(),(d*d).sum(1).double()
+    d,a = xv.double()-c.double()[:,None],xv.abs() # float64, as in the C++ op: squares of finite values past 1e19
+    s,q = d.sum(1),(d*d).sum(1)                   # overflow float32, and exploding nets make such values
     n = ln.double(); nc = n.clamp_min(1)
     cnt = torch.stack([(a<=near_zero).float().sum(1) - pad*(c.abs()<=near_zero).float(),
                        (xv==0).float().sum(1) - pad*(c==0).float(),

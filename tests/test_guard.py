@@ -306,3 +306,35 @@ def test_mixed_precision_norms_with_monitor():
     (a,ea),(b,eb) = norms(False),norms(True)
     assert len(a)>=4 and torch.allclose(a, b), (a, b)
     assert [e['kind'] for e in ea]==[e['kind'] for e in eb]
+
+@pytest.mark.usefixtures('kernel')
+def test_stop_keeps_monitor_record():
+    "'stop' cancels the fit inside the bad batch, before its `after_batch`: the monitor still records that batch"
+    from deepstable_fastai.monitor import ActivationMonitor
+    class NaNAt(Callback):
+        order = -20
+        def before_batch(self):
+            if self.training and self.train_iter==3: self.learn.xb = (self.xb[0].clone().fill_(float('nan')),)
+    set_seed(0)
+    learn = Learner(digits_dls(flat=True, bs=64), _mlp(), loss_func=CrossEntropyLossFlat(),
+                    cbs=[ActivationMonitor(), ExplosionGuard('stop', verbose=False), NaNAt()])
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    m = learn.activation_monitor
+    assert m.steps.tolist()==[0, 1, 2, 3], m.steps
+    assert (m.values('nan')[-1]>0).all() and (m.values('nan')[:-1]==0).all()
+    assert learn.explosion_guard.events[-1]['action']=='stop'
+
+def test_compiled_thresholds_follow_settings():
+    "The compiled forward checks report the threshold set now, not the one of their first compile"
+    from deepstable_fastai.guard import _GK, _fwd_math
+    from deepstable_fastai.stats import STATS
+    s = torch.zeros(3, len(STATS)+1)
+    s[:,STATS.index('std')] = torch.tensor([0.5, float('inf'), 1.])
+    s[:,STATS.index('absmax')] = torch.tensor([1., 1e20, 2.])
+    s[:,STATS.index('zero')] = torch.tensor([0., 0., 0.99])
+    o,act,vcnt,athr = torch.arange(3),torch.tensor([False, False, True]),torch.zeros(3),torch.full((3,), float('inf'))
+    for std_max,dead_max in ((1e6, 0.95), (1e30, 0.5), (7., 0.9)):
+        a = (s, o, act, vcnt, athr, torch.rand(8), torch.tensor(float('inf')), std_max, 1e8, 0.05, dead_max, 1, False)
+        want,got = _fwd_math(*a)[0],_GK['fwd'](*a)[0]
+        assert torch.allclose(got[2:4], want[2:4], equal_nan=True), (std_max, dead_max, got, want)
+        assert got[2,4]==torch.tensor(std_max).float() and got[3,4]==torch.tensor(dead_max).float(), got
