@@ -70,16 +70,18 @@ def gather_rows(v:torch.Tensor # This rank's rows
 
 # %% ../nbs/03_distrib.ipynb #3c338210
 def strip_ddp(name:str) -> str:
-    "`name` without the `module.` prefix that DDP and `DataParallel` add"
+    "The user's name for `name`: without the `module.` of DDP and `DataParallel`, nor `torch.compile`'s `_orig_mod`"
+    name = '.'.join(p for p in name.split('.') if p!='_orig_mod')
     return name[7:] if name.startswith('module.') else ('' if name=='module' else name)
 
 # %% ../nbs/03_distrib.ipynb #6bfe488e
-def ddp_modules(model:nn.Module, # The learner's model, maybe wrapped by DDP or `DataParallel`
+def ddp_modules(model:nn.Module, # The learner's model, maybe wrapped by DDP, `DataParallel` or `torch.compile`
                 modules=None # Modules or qualified names of the user's model; `None` for a default selection
                ):
-    "`modules` with each qualified name prefixed by `module.` when `model` is a DDP or `DataParallel` wrapper"
-    if modules is None or not isinstance(model, (DistributedDataParallel, nn.DataParallel)): return modules
-    return [f'module.{o}' if isinstance(o, str) else o for o in listify(modules)]
+    "`modules` with each qualified name of the user's model turned into its name in `model`, which wrappers prefix"
+    if modules is None: return None
+    names = {strip_ddp(n):n for n,_ in model.named_modules()}
+    return [names.get(o, o) if isinstance(o, str) else o for o in listify(modules)]
 
 # %% ../nbs/03_distrib.ipynb #b71fe0b7
 _SM,_SS,_SA,_SNZ,_SZ,_SNAN,_SINF = map(STATS.index, ('mean','std','absmax','near_zero','zero','nan','inf'))

@@ -12,7 +12,7 @@ from fastcore.foundation import L
 from fastai.callback.core import Callback
 from fastai.torch_core import subplots
 from .stats import STATS
-from .engine import training_fit, fit_running, StatsEngine, batch_key
+from .engine import training_fit, fit_running, StatsEngine, batch_key, _upload
 from .distrib import strip_ddp, ddp_modules, is_dist, same_on_ranks, all_reduce_stats, all_reduce_sum
 from .trackers import trackers, log_records, pkg_reduce_ex
 
@@ -76,7 +76,8 @@ def _start(self:ActivationMonitor):
     e.hist_range = (float(lo), float(hi), self.bins)
     dev = next(iter(e.params), None)
     dev = dev.device if dev is not None else torch.device('cpu')
-    names = [strip_ddp(n) for n in e.names] # the user's names, also under DDP
+    self._mine,self._rk = e.users[id(self)],None # our modules: the engine may hook more, for another callback
+    names = [strip_ddp(n) for n in self._mine] # the user's names, also under DDP
     if self.buf is not None and self.buf.shape[-1]==_NCOL-1: # a history kept before the element counts were
         self.buf = torch.cat([self.buf, self.buf.new_full((*self.buf.shape[:2], 1), float('nan'))], -1)
     if self.reset_on_fit or self.buf is None or list(self.names)!=names: self._alloc(names, dev)
@@ -85,7 +86,7 @@ def _start(self:ActivationMonitor):
         self._off = int(self.pos[self.k-1,0])+1 if self.k else 0
     self._k0 = self.k # records before this fit are already combined across ranks
     self._posn = self.pos.numpy() # a view of `pos`, made once: `after_batch` writes its row with no op and no sync
-    self._started,self._count,self._nan = True,0,torch.full((len(e), len(GRAD_STATS)), float('nan'), device=dev)
+    self._started,self._count,self._nan = True,0,torch.full((len(names), len(GRAD_STATS)), float('nan'), device=dev)
     self._snap = None # the update sample, made at the first update batch
 
 _NCOL = len(MONITOR_STATS)+1 # and the elements behind each record's statistics, for the merge across ranks
@@ -122,9 +123,18 @@ def _per_param(self:ActivationMonitor, v):
     "Per-parameter norms `v` of the trained parameters, spread over all of `params`, and the mask of those"
     e,dev = self._engine,self._nan.device
     n = len(e.params)
-    if len(self._live)==n: return e.module_norms(v.to(dev).float(), e._all_true(dev))
+    if len(self._live)==n: return self._own(e.module_norms(v.to(dev).float(), e._all_true(dev)))
     ix,has = e._index(self._live, dev)
-    return self._engine.module_norms(torch.zeros(n, device=dev).index_copy_(0, ix, v.to(dev).float()), has)
+    return self._own(e.module_norms(torch.zeros(n, device=dev).index_copy_(0, ix, v.to(dev).float()), has))
+
+@patch
+def _own(self:ActivationMonitor, t):
+    "The rows of `t`, a table over the engine's modules, that are this monitor's (the guard may have hooked more)"
+    e = self._engine
+    if self._rk is not e.names: # the engine's modules changed: map ours again, once
+        ix = [e.idx[n] for n in self._mine]
+        self._rk,self._rows = e.names,(None if ix==list(range(len(e))) else _upload(ix, torch.long, t.device))
+    return t if self._rows is None else t.index_select(0, self._rows)
 
 # %% ../nbs/05_monitor.ipynb #e97489bb
 def _flat(p):
@@ -191,7 +201,7 @@ def before_step(self:ActivationMonitor):
     if not (self._rec and self.grads): return
     e = self._engine
     s = _loss_scale(self.learn)
-    gn = e.grad_norms(scaled=s is not None)
+    gn = self._own(e.grad_norms(scaled=s is not None))
     if s is not None: gn = gn/s.to(gn.device).float()
     self._g = torch.cat([gn[:,None], self._nan[:,1:]], 1)
     if not self._upd: return
@@ -217,10 +227,10 @@ def after_batch(self:ActivationMonitor):
     if not self._rec: return
     self._rec,s = False,self._engine.stats()
     if s is None: return
-    k = self.k
-    g,n = self._nan if self._g is None else self._g,self._engine.raw[:len(s),:1]
+    k,n = self.k,self._engine.raw[:len(s),:1]
+    s,n,g = self._own(s),self._own(n),(self._nan if self._g is None else self._g)
     self.buf[k].copy_(torch.cat([s[:,:len(STATS)], g, n.to(g.dtype)], 1))
-    if self.hbuf is not None and (h:=self._engine.hists()) is not None: self.hbuf[k].copy_(h)
+    if self.hbuf is not None and (h:=self._engine.hists()) is not None: self.hbuf[k].copy_(self._own(h))
     self._posn[k] = self._where
     self.k += 1
     if self.k==self.cap: self._halve()

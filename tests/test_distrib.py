@@ -123,12 +123,12 @@ def test_data_parallel_context(ranks):
     for r in ranks: assert r['ctx_nan_skip']['digests']==r['nan_skip']['digests'] and r['ctx_nan_skip']['events']==r['nan_skip']['events']
 
 def test_monitor_with_guard_stop(ranks):
-    "Monitor and guard together: the guard stops both ranks at iter 6 (batches 0-5 recorded), the history is combined all the same"
+    "Monitor and guard together: the guard stops both ranks in batch 6 (batches 0-6 recorded), the history is combined all the same"
     import torch
     r0,r1 = ranks[0]['monitor_stop'],ranks[1]['monitor_stop']
     assert r0['events']==r1['events'] and r0['events'][0]['ranks']==[1] and r0['ran']==r1['ran']==6
     m0,m1 = r0['mon'],r1['mon']
-    assert m0['k']==m1['k']==6 and m0['stats']==m1['stats'] and m0['grads']==m1['grads']
+    assert m0['k']==m1['k']==7 and m0['stats']==m1['stats'] and m0['grads']==m1['grads']
     assert torch.allclose(torch.tensor(m0['stats']), torch.tensor(r0['stats']['ref']), rtol=1e-4, atol=1e-5)
 
 def test_torchrun_script(tmp_path):

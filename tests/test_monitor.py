@@ -199,3 +199,36 @@ def test_monitor_and_guard_share_batches(kernel):
     h = mon.hist_counts(0)
     assert (h.sum(1) == 64*32).all(), h.sum(1)
     assert torch.isfinite(torch.as_tensor(mon.values('std', 0))).all()
+
+def test_compiled_model_names():
+    "A model given to `torch.compile` keeps its user's names (no `_orig_mod.`) in the history, `modules=` and events"
+    from deepstable_fastai.guard import ExplosionGuard
+    class NaNAt(Callback):
+        order = -20
+        def before_batch(self):
+            if self.training and self.train_iter==2: self.learn.xb = (self.xb[0].clone().fill_(float('nan')),)
+    set_seed(0)
+    m = nn.Sequential(nn.Linear(64,32), nn.ReLU(), nn.Linear(32,10))
+    learn = Learner(digits_dls(flat=True, bs=64), torch.compile(m), loss_func=F.cross_entropy,
+                    cbs=[ActivationMonitor(modules=['0', '2']), ExplosionGuard('skip', verbose=False), NaNAt()])
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=StopAfter(4))
+    assert learn.activation_monitor.names==['0', '2']
+    ev = learn.explosion_guard.events
+    assert ev and all('_orig_mod' not in str(e['layer']) for e in ev), ev
+
+@pytest.mark.usefixtures('kernel')
+@pytest.mark.parametrize('modules', [['0', '2'], ['2', '0']])
+def test_some_modules_beside_guard(modules):
+    "A monitor of some modules beside the guard, which hooks them all: the monitor's own rows, as without the guard"
+    from deepstable_fastai.guard import ExplosionGuard
+    def run(guard):
+        set_seed(0)
+        m = nn.Sequential(nn.Linear(64,32), nn.ReLU(), nn.Linear(32,10))
+        cbs = [ActivationMonitor(modules=modules, update_every=1, with_hist=True)]
+        learn = Learner(digits_dls(flat=True, bs=64), m, loss_func=F.cross_entropy,
+                        cbs=cbs+([ExplosionGuard('skip', verbose=False)] if guard else []))
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=StopAfter(4))
+        return learn.activation_monitor
+    a,b = run(False),run(True)
+    assert b.names==modules and b.k==a.k==4
+    assert torch.allclose(a.buf[:a.k], b.buf[:b.k], equal_nan=True) and torch.equal(a.hbuf[:a.k], b.hbuf[:b.k])
