@@ -7,6 +7,7 @@ import pytest, torch
 sys.path.insert(0, str(Path(__file__).parents[1]/'bench'))
 from guard_faults import run, resnet_digits, make_dls, EXPECT, FAULTS
 from fastai.learner import Learner
+from conftest import nan_batch
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
@@ -311,13 +312,9 @@ def test_mixed_precision_norms_with_monitor():
 def test_stop_keeps_monitor_record():
     "'stop' cancels the fit inside the bad batch, before its `after_batch`: the monitor still records that batch"
     from deepstable_fastai.monitor import ActivationMonitor
-    class NaNAt(Callback):
-        order = -20
-        def before_batch(self):
-            if self.training and self.train_iter==3: self.learn.xb = (self.xb[0].clone().fill_(float('nan')),)
     set_seed(0)
     learn = Learner(digits_dls(flat=True, bs=64), _mlp(), loss_func=CrossEntropyLossFlat(),
-                    cbs=[ActivationMonitor(), ExplosionGuard('stop', verbose=False), NaNAt()])
+                    cbs=[ActivationMonitor(), ExplosionGuard('stop', verbose=False), nan_batch(3)])
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
     m = learn.activation_monitor
     assert m.steps.tolist()==[0, 1, 2, 3], m.steps

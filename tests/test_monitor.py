@@ -3,6 +3,7 @@ The interrupt tests run on both statistics paths (`kernel` in conftest.py): the 
 import subprocess, sys, textwrap
 import pytest, torch, torch.nn as nn, torch.nn.functional as F
 from fastai.learner import Learner
+from conftest import nan_batch
 from fastai.callback.core import Callback, CancelFitException
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
@@ -203,14 +204,10 @@ def test_monitor_and_guard_share_batches(kernel):
 def test_compiled_model_names():
     "A model given to `torch.compile` keeps its user's names (no `_orig_mod.`) in the history, `modules=` and events"
     from deepstable_fastai.guard import ExplosionGuard
-    class NaNAt(Callback):
-        order = -20
-        def before_batch(self):
-            if self.training and self.train_iter==2: self.learn.xb = (self.xb[0].clone().fill_(float('nan')),)
     set_seed(0)
     m = nn.Sequential(nn.Linear(64,32), nn.ReLU(), nn.Linear(32,10))
     learn = Learner(digits_dls(flat=True, bs=64), torch.compile(m), loss_func=F.cross_entropy,
-                    cbs=[ActivationMonitor(modules=['0', '2']), ExplosionGuard('skip', verbose=False), NaNAt()])
+                    cbs=[ActivationMonitor(modules=['0', '2']), ExplosionGuard('skip', verbose=False), nan_batch(2)])
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=StopAfter(4))
     assert learn.activation_monitor.names==['0', '2']
     ev = learn.explosion_guard.events
