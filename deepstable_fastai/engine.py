@@ -418,7 +418,8 @@ def _index(self:StatsEngine, have, dev):
     k = (tuple(have), dev) # a list uploaded every batch would make the host wait for a GPU
     if k not in self._ixs:
         ix = _upload(k[0], torch.long, dev)
-        _cache(self._ixs, 8)[k] = ix,torch.zeros(len(self.params), dtype=torch.bool, device=dev).index_fill_(0, ix, True)
+        has = torch.zeros(len(self.params), dtype=torch.bool, device=dev).index_fill_(0, ix, True)
+        _cache(self._ixs, 8)[k] = ix,has
     return self._ixs[k]
 
 @patch

@@ -263,7 +263,8 @@ def after_fit(self:ActivationMonitor):
     if self._started: self._to_trackers()
     fitted = self._started # a training fit that ended normally or was cancelled: every rank is here
     if self._engine is not None: self._engine.release(self.learn, self)
-    self._engine,self._snap,self._g,self._nan,self._started,self._rec,self._posn = (None,)*4+(False,False,None)
+    self._engine,self._snap,self._g,self._nan,self._rk,self._rows = (None,)*6
+    self._started,self._rec,self._posn = False,False,None
     if self.buf is not None: self.buf = self.buf.cpu()
     if self.hbuf is not None: self.hbuf = self.hbuf.cpu()
     if fitted: self._merge_ranks(getattr(self, '_k0', 0))
@@ -276,7 +277,7 @@ def remove(self:ActivationMonitor):
 @patch
 def __getstate__(self:ActivationMonitor):
     "Pickle the settings; the history only with `keep_history`"
-    d = {**self.__dict__, '_engine':None, '_snap':None, '_g':None, '_nan':None, '_posn':None,
+    d = {**self.__dict__, '_engine':None, '_snap':None, '_g':None, '_nan':None, '_posn':None, '_rk':None, '_rows':None,
          '_started':False, '_rec':False, '_nest':0}
     if not self.keep_history: d.update(names=[], buf=None, hbuf=None, pos=None, k=0, stride=1, _off=0)
     return d
