@@ -101,14 +101,19 @@ class StatsEngine:
         self.raw = self.rhist = None
         self._slots,self._meta,self._ids,self._nidx,self._defer,self._warned,self._tr = {},{},None,{},{},False,True
         self._ixs = {} # index and mask of a subset of `params` (those with gradients...), per subset: see `_index`
+        self._users_changed()
         self._params(); self._reset()
 
     def _reset(self):
+        self._wait = list(self._sets) # users none of whose modules ran yet this batch: see `_lead`
         self.order,self._stats,self._gn,self.do_hist,self._fresh = [],None,None,False,True
         self._pgn = None # this batch's gradient norms, shared by the users: see `param_grad_norms`
         self._drop()
     def _drop(self): # forget what is staged; `_dfr`: outputs whose copy waits for `_flush`, `_watch`: outputs watched
         self._lay,self._pos,self._dfr,self._watch = [],0,[],[]
+    def _users_changed(self): # each user's set of module positions; the engine's own (all) when used directly
+        ss = {frozenset(self.idx[n] for n in ns) for ns in self.users.values()}
+        self._sets = list(ss or [frozenset(range(len(self)))])
     def remove(self):
         "Remove every hook"
         for h in self.handles: h.remove()
@@ -308,11 +313,18 @@ def _hook(self:StatsEngine, i, inp, out):
             if self._fresh: self._zero(ts[0].device)
             self._stats = None
             for t in ts: self._acc(i, t)
-            if self.check_inputs or not self.order:
+            if self.check_inputs or (self._wait and self._lead(i)):
                 xs = _tensors(inp)
                 if xs: self._acc(len(self)+i, xs[0])
     finally: torch._C._set_grad_enabled(g)
     self.order.append(i)
+
+@patch
+def _lead(self:StatsEngine, i):
+    "Is module `i` the first of some user's modules to run in this batch? Its input is then checked too"
+    w = [s for s in self._wait if i not in s]
+    hit,self._wait = len(w)<len(self._wait),w
+    return hit
 
 # %% ../nbs/02_engine.ipynb #812ee91f
 @patch
@@ -357,13 +369,23 @@ def acquire(cls:StatsEngine, learn, user, modules=None):
         weakref.finalize(learn, e.remove)
     new = [(n,m) for n,m in named if n not in e.idx]
     if new: e.set_modules(list(zip(e.names, e.modules))+new)
-    e.users[id(user)] = [n for n,_ in named]
+    e.users[id(user)] = tuple(n for n,_ in named)
+    e._users_changed()
     return e
+
+@patch
+def rows(self:StatsEngine, user, dev=None):
+    "Positions of `user`'s modules in the engine's tables; on `dev`, an index tensor (`None`: every row, in order)"
+    k = (self.users[id(user)], dev)
+    if k not in self._ixs: # the engine may hook more modules than `user` asked for, for another callback
+        ix = tuple(self.idx[n] for n in k[0])
+        _cache(self._ixs, 8)[k] = ix if dev is None else None if ix==tuple(range(len(self))) else _upload(ix, torch.long, dev)
+    return self._ixs[k]
 
 @patch
 def release(self:StatsEngine, learn, user):
     "Drop `user`; the last one out removes every hook"
-    self.users.pop(id(user), None)
+    self.users.pop(id(user), None); self._users_changed()
     if not self.users:
         self.remove()
         if learn.__dict__.get('_stats_engine') is self: del learn.__dict__['_stats_engine']

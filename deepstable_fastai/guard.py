@@ -244,10 +244,12 @@ class _FitState:
 # %% ../nbs/06_guard.ipynb #675a4b19
 @patch
 def _order(self:ExplosionGuard):
-    "This batch's forward order of the engine's modules, as a device index tensor (cached)"
-    k = tuple(dict.fromkeys(self._engine.order))
-    if k not in self._fit.cache: _cache(self._fit.cache)[k] = _upload(k, torch.long, self._base.dev)
-    return self._fit.cache[k]
+    "This batch's forward order of the guard's modules (the engine may hook more): a tuple and a device index (cached)"
+    f = self._fit; k = tuple(self._engine.order)
+    if k not in f.cache:
+        o = tuple(i for i in dict.fromkeys(k) if i in f.mine)
+        _cache(f.cache)[k] = o,_upload(o, torch.long, self._base.dev)
+    return f.cache[k]
 
 def _at(t, p):
     "`t[p]` for a one-element index tensor `p`, without the host read that indexing with a tensor does"
@@ -301,9 +303,9 @@ def _fwd_math(s, o, act, vcnt, athr, l, lthr, std_max:float, absmax_max:float, s
 def _fwd_checks(self:ExplosionGuard, loss, count=True):
     "Forward rows (`_FWD`) from `loss` and the engine, the per-module std for the baseline, the mean loss"
     l,b,k = loss.detach().as_subclass(torch.Tensor),self._base,self._fit.k # fastai's tensor subclass costs per op
-    s = self._engine.stats()
-    if s is None or not self._engine.order: rows,lm = k['loss'](l, b.loss_thr); return rows,None,lm
-    return k['fwd'](s, self._order(), self._act, b.vcnt, b.act_thr, l, b.loss_thr, float(self.std_max),
+    s,(o,ix) = self._engine.stats(),self._order()
+    if s is None or not o: rows,lm = k['loss'](l, b.loss_thr); return rows,None,lm
+    return k['fwd'](s, ix, self._act, b.vcnt, b.act_thr, l, b.loss_thr, float(self.std_max),
                     float(self.absmax_max), float(self.std_min), float(self.dead_max), self.patience, count)
 
 # %% ../nbs/06_guard.ipynb #a1358069
@@ -390,7 +392,7 @@ def _start(self:ExplosionGuard):
 def _modules_changed(self:ExplosionGuard):
     "(Re)build the per-module state when the engine's module list changed"
     e,f,dev = self._engine,self._fit,self._base.dev
-    f.nmods,f.cache,f.flight = len(e),{},None
+    f.nmods,f.cache,f.flight,f.mine = len(e),{},None,set(e.rows(self))
     if len(self._base.vcnt)!=len(e): self._base.resize(len(e))
     self._act = _upload([isinstance(m, act_types) for m in e.modules], torch.bool, dev)
     pmod = {id(p):i for i,m in enumerate(e.modules) for p in m.parameters(recurse=False)}
@@ -429,7 +431,8 @@ def sync_verdict(v:torch.Tensor # This rank's `(kinds, cols)` verdict
 @patch
 def _fly(self:ExplosionGuard, s):
     "Keep `s`, this batch's per-module statistics, in the flight recorder"
-    f = self._fit
+    f,ix = self._fit,self._engine.rows(self, s.device)
+    if ix is not None: s = s.index_select(0, ix) # the guard's modules only
     if f.flight is None or f.flight.shape[1:]!=s.shape:
         k = self.flight_batches
         f.flight,f.fiters,f.nflight = s.new_full((k, *s.shape), float('nan')),[None]*k,0
@@ -442,7 +445,7 @@ def _flight_now(self:ExplosionGuard):
     if f is None or f.flight is None: return None
     fb,k = self.flight_batches,min(f.nflight, self.flight_batches); ii = [(f.nflight-k+j) % fb for j in range(k)]
     rows = f.flight[:k].clone() if f.nflight<=fb else f.flight.roll(-(f.nflight%fb), 0) # oldest first, no upload
-    return [f.fiters[i] for i in ii], rows, [strip_ddp(n) for n in self._engine.names]
+    return [f.fiters[i] for i in ii], rows, [strip_ddp(n) for n in self._engine.users[id(self)]]
 
 @patch
 def flight(self:ExplosionGuard, ev=-1 # An event of `events`, or its index
@@ -475,7 +478,7 @@ def after_loss(self:ExplosionGuard):
     if self._engine is None: return
     e,f,p = self._engine,self._fit,self._pend
     if len(e)!=f.nmods: self._modules_changed()
-    if e.order: f.last_order = tuple(dict.fromkeys(e.order))
+    if (o:=self._order()[0]): f.last_order = o
     rows,p.std,p.loss = self._fwd_checks(self.learn.loss)
     s = e.stats()
     if s is not None: self._fly(s)

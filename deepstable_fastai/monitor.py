@@ -12,7 +12,7 @@ from fastcore.foundation import L
 from fastai.callback.core import Callback
 from fastai.torch_core import subplots
 from .stats import STATS
-from .engine import training_fit, fit_running, StatsEngine, batch_key, _upload
+from .engine import training_fit, fit_running, StatsEngine, batch_key
 from .distrib import strip_ddp, ddp_modules, is_dist, same_on_ranks, all_reduce_stats, all_reduce_sum
 from .trackers import trackers, log_records, pkg_reduce_ex
 
@@ -76,8 +76,7 @@ def _start(self:ActivationMonitor):
     e.hist_range = (float(lo), float(hi), self.bins)
     dev = next(iter(e.params), None)
     dev = dev.device if dev is not None else torch.device('cpu')
-    self._mine,self._rk = e.users[id(self)],None # our modules: the engine may hook more, for another callback
-    names = [strip_ddp(n) for n in self._mine] # the user's names, also under DDP
+    names = [strip_ddp(n) for n in e.users[id(self)]] # the user's names, also under DDP
     if self.buf is not None and self.buf.shape[-1]==_NCOL-1: # a history kept before the element counts were
         self.buf = torch.cat([self.buf, self.buf.new_full((*self.buf.shape[:2], 1), float('nan'))], -1)
     if self.reset_on_fit or self.buf is None or list(self.names)!=names: self._alloc(names, dev)
@@ -130,11 +129,8 @@ def _per_param(self:ActivationMonitor, v):
 @patch
 def _own(self:ActivationMonitor, t):
     "The rows of `t`, a table over the engine's modules, that are this monitor's (the guard may have hooked more)"
-    e = self._engine
-    if self._rk is not e.names: # the engine's modules changed: map ours again, once
-        ix = [e.idx[n] for n in self._mine]
-        self._rk,self._rows = e.names,(None if ix==list(range(len(e))) else _upload(ix, torch.long, t.device))
-    return t if self._rows is None else t.index_select(0, self._rows)
+    ix = self._engine.rows(self, t.device)
+    return t if ix is None else t.index_select(0, ix)
 
 # %% ../nbs/05_monitor.ipynb #e97489bb
 def _flat(p):
@@ -240,7 +236,6 @@ def after_cancel_fit(self:ActivationMonitor):
     "Write the record of the batch the fit was cancelled in: fastai skips that batch's `after_batch`"
     if not self._nest: self.after_batch()
 
-
 # %% ../nbs/05_monitor.ipynb #8f66064b
 @patch
 def _halve(self:ActivationMonitor):
@@ -263,7 +258,7 @@ def after_fit(self:ActivationMonitor):
     if self._started: self._to_trackers()
     fitted = self._started # a training fit that ended normally or was cancelled: every rank is here
     if self._engine is not None: self._engine.release(self.learn, self)
-    self._engine,self._snap,self._g,self._nan,self._rk,self._rows = (None,)*6
+    self._engine,self._snap,self._g,self._nan = (None,)*4
     self._started,self._rec,self._posn = False,False,None
     if self.buf is not None: self.buf = self.buf.cpu()
     if self.hbuf is not None: self.hbuf = self.hbuf.cpu()
@@ -277,7 +272,7 @@ def remove(self:ActivationMonitor):
 @patch
 def __getstate__(self:ActivationMonitor):
     "Pickle the settings; the history only with `keep_history`"
-    d = {**self.__dict__, '_engine':None, '_snap':None, '_g':None, '_nan':None, '_posn':None, '_rk':None, '_rows':None,
+    d = {**self.__dict__, '_engine':None, '_snap':None, '_g':None, '_nan':None, '_posn':None,
          '_started':False, '_rec':False, '_nest':0}
     if not self.keep_history: d.update(names=[], buf=None, hbuf=None, pos=None, k=0, stride=1, _off=0)
     return d

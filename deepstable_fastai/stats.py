@@ -6,7 +6,7 @@ Docs: https://deepstable.github.io/deepstable-fastai/stats.html.md"""
 
 # %% ../nbs/01_stats.ipynb #b532d3df
 from __future__ import annotations
-import os, hashlib, threading, warnings
+import os, hashlib, logging, threading, warnings
 import torch, torch.nn as nn, torch.nn.functional as F
 from pathlib import Path
 from torch.utils._python_dispatch import _disable_current_modes
@@ -106,7 +106,7 @@ def _merge_rows(raw, p, seg):
     nb = z().index_add(0, seg, n)
     mb = z().index_add(0, seg, n*p[:,1]) / nb.clamp_min(1)
     m2b = z().index_add(0, seg, p[:,2] + n*(p[:,1]-mb[seg])**2)
-    amb = z().index_reduce(0, seg, p[:,3], 'amax')
+    amb = z().scatter_reduce(0, seg, p[:,3], 'amax') # no beta notice, unlike `index_reduce`
     cb = torch.zeros_like(raw[:,4:]).index_add(0, seg, p[:,4:])
     na,ma = raw[:,0],raw[:,1]
     N = na+nb; dl = mb-ma; Nc = N.clamp_min(1)
@@ -191,7 +191,10 @@ _FLAGS = ['-O3', '-march=native']
 
 def _cpp_build():
     try:
-        from torch.utils.cpp_extension import load
+        lg = logging.getLogger('torch.utils.cpp_extension') # its import logs "No CUDA runtime" on CPU machines
+        lv = lg.level; lg.setLevel(logging.ERROR)
+        try: from torch.utils.cpp_extension import load
+        finally: lg.setLevel(lv)
         import deepstable_fastai
         try: flags = next((l for l in Path('/proc/cpuinfo').read_text().splitlines() if l.startswith('flags')), '')
         except OSError: flags = ''

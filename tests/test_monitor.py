@@ -229,3 +229,28 @@ def test_some_modules_beside_guard(modules):
     a,b = run(False),run(True)
     assert b.names==modules and b.k==a.k==4
     assert torch.allclose(a.buf[:a.k], b.buf[:b.k], equal_nan=True) and torch.equal(a.hbuf[:a.k], b.hbuf[:b.k])
+
+class Blow(Callback):
+    "Before training batch 2, module 0 of the model outputs a huge spread of negative constants (zero after the ReLU)"
+    order = -20
+    def before_batch(self):
+        if self.training and self.train_iter==2:
+            with torch.no_grad(): self.model[0].weight.zero_(); self.model[0].bias.copy_(-1e9*torch.arange(1., 33.))
+
+@pytest.mark.usefixtures('kernel')
+def test_guard_of_some_modules_beside_monitor():
+    "A guard of some modules checks and records those only, as without a monitor of more modules beside it"
+    from deepstable_fastai.guard import ExplosionGuard
+    def run(mods, monitor):
+        set_seed(0)
+        m = nn.Sequential(nn.Linear(64,32), nn.ReLU(), nn.Linear(32,10))
+        cbs = [ExplosionGuard('skip', modules=mods, verbose=False), Blow(), nan_batch(3)]
+        learn = Learner(digits_dls(flat=True, bs=64), m, loss_func=F.cross_entropy,
+                        cbs=cbs+([ActivationMonitor()] if monitor else []))
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=StopAfter(5))
+        g = learn.explosion_guard
+        return [(e['train_iter'], e['kind'], e['layer']) for e in g.events],[set(g.flight(i).module) for i in range(len(g.events))]
+    assert run(None, False)[0][0]==(2, 'exploding_act', '0') # watching every module, the guard sees module 0 blow up
+    ev,fl = run(['2'], True)
+    assert (ev,fl)==run(['2'], False), ev
+    assert [e[:2] for e in ev]==[(3, 'nonfinite_act')] and fl==[{'2'}], (ev, fl)
