@@ -10,8 +10,10 @@ Tables (markdown):
 4. (`--defer`) the same on the device path, the staged outputs copied in their hooks (the engine's `defer=False`)
    against at the end of the forward pass (the default), in one process, interleaved, with the paired difference;
 5. (`--uploads`) arrays made from host data per training batch on the device path (on a GPU each is a copy the host
-   waits for), with a batch size that changes every batch and with a frozen body, where the engine's tables change.
-Run: OMP_NUM_THREADS=1 python bench/engine.py [--quick] [--defer] [--uploads]
+   waits for), with a batch size that changes every batch and with a frozen body, where the engine's tables change;
+6. (`--compiled`) a model given to `torch.compile`: dynamo frames and graphs compiled, and the first fit's seconds,
+   without callbacks, with the monitor, the guard, and the guard replaying two bad batches.
+Run: OMP_NUM_THREADS=1 python bench/engine.py [--quick] [--defer] [--uploads] [--compiled]
 """
 import argparse, os, statistics, time, warnings
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -199,12 +201,38 @@ def defer_table(repeats, epochs=4):
     print(f"\nPaired (in the hook - at the end): median {statistics.median(d):.1f} us, "
           f"{sum(x>0 for x in d)} of {len(d)} repeats cheaper at the end")
 
+class NaNAt(Callback):
+    "All-NaN inputs in training batches `its`"
+    order = -20
+    def __init__(self, its): self.its = its
+    def before_batch(self):
+        if self.training and self.train_iter in self.its: self.learn.xb = (self.xb[0].clone().fill_(float('nan')),)
+
+def compiled_table(nb=8):
+    "Frames and graphs dynamo compiles for a compiled xresnet18 in a fit of `nb` batches, and the fit's seconds"
+    from torch._dynamo.utils import counters
+    cfgs = {'none': [], 'monitor': [ActivationMonitor()], "guard ('skip')": [ExplosionGuard('skip', verbose=False)],
+            "guard ('skip'), 2 all-NaN batches": [ExplosionGuard('skip', verbose=False), NaNAt((3, 6))]}
+    print('| callbacks | dynamo frames | graphs | fit seconds (with compiling) | guard events |\n|---|---|---|---|---|')
+    for k,cbs in cfgs.items():
+        torch._dynamo.reset(); counters.clear()
+        learn = make('xresnet18'); learn.model = torch.compile(learn.model)
+        t = time.perf_counter()
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=cbs+[CancelAfter(nb)])
+        ev = getattr(learn, 'explosion_guard', None)
+        print(f"| {k} | {counters['frames']['total']} | {counters['stats']['unique_graphs']} | "
+              f"{time.perf_counter()-t:.1f} | {'-' if ev is None else len(ev.events)} |")
+
 if __name__=='__main__':
     ap = argparse.ArgumentParser()
     ap.add_argument('--quick', action='store_true')
     ap.add_argument('--defer', action='store_true', help='only the table of the deferred copies')
     ap.add_argument('--uploads', action='store_true', help='only the table of arrays uploaded from the host')
+    ap.add_argument('--compiled', action='store_true', help='only the table of a compiled model')
     a = ap.parse_args()
+    if a.compiled:
+        print(f"torch {torch.__version__}, 1 thread, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
+        compiled_table(); raise SystemExit
     if a.uploads:
         print(f"torch {torch.__version__}, 1 thread, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
         uploads_table(); raise SystemExit

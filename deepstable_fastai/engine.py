@@ -6,7 +6,7 @@ Docs: https://deepstable.github.io/deepstable-fastai/engine.html.md"""
 
 # %% ../nbs/02_engine.ipynb #66426837
 from __future__ import annotations
-import sys, weakref, warnings
+import functools, sys, weakref, warnings
 import torch, torch.nn as nn
 from contextlib import contextmanager
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -67,10 +67,11 @@ class _Hook:
         elif e.active: e._end()
     def __reduce__(self): return (_inert, ())
 
-class _EagerHook(_Hook):
-    "A `_Hook` that `torch.compile` does not trace: in a compiled model it runs eagerly, at a graph break"
-    def __init__(self, engine, i): super().__init__(engine, i); self.f = torch.compiler.disable(super().__call__)
-    def __call__(self, m, inp, out): return self.f(m, inp, out)
+@functools.cache
+def _eager_hook():
+    "`_Hook` for a compiled model, made on first use (`torch.compiler.disable` imports dynamo, which takes seconds)"
+    # its `__call__` runs eagerly at a graph break, and dynamo compiles no frame of it per module, size and grad mode
+    return type('_EagerHook', (_Hook,), dict(__call__=torch.compiler.disable(_Hook.__call__)))
 
 def _compiled(model):
     "Is `model`, or a module in it, compiled with `torch.compile` or `nn.Module.compile`?"
@@ -95,7 +96,7 @@ class StatsEngine:
         self.remove()
         self.names,self.modules = [n for n,_ in named],[m for _,m in named]
         self.idx = {n:i for i,n in enumerate(self.names)}
-        H = _EagerHook if _compiled(self.model) else _Hook # traced, the hooks' bookkeeping would recompile each batch
+        H = _eager_hook() if _compiled(self.model) else _Hook # traced, the hooks' bookkeeping would recompile each batch
         self.handles = [m.register_forward_hook(H(self, i)) for i,m in enumerate(self.modules)]
         self.handles.append(self.model.register_forward_hook(H(self, -1), always_call=True))
         self.raw = self.rhist = None

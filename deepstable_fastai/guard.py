@@ -6,7 +6,8 @@ Docs: https://deepstable.github.io/deepstable-fastai/guard.html.md"""
 
 # %% ../nbs/06_guard.ipynb #7e0b0ca3
 from __future__ import annotations
-import math, warnings, torch, pandas as pd
+import math, sys, warnings, torch, pandas as pd
+from contextlib import nullcontext
 from functools import partial
 from typing import NamedTuple
 from collections import deque
@@ -601,6 +602,10 @@ def _floats(o):
     ts = o if isinstance(o,(list,tuple)) else [o]
     return [t for t in ts if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
+def _eager():
+    "Run a replay eagerly: recompiling a `torch.compile`d model for it (no grad, other sizes) would take seconds"
+    return torch.compiler.set_stance('force_eager') if 'torch._dynamo' in sys.modules else nullcontext()
+
 def _leaf_hook(rec, i, m, inp, out):
     "Record leaf `i` ran, and whether its input and output were finite (device flags)"
     os,xs = _floats(out),_floats(inp)
@@ -627,7 +632,7 @@ def _replay(self:ExplosionGuard):
     rec,saved = [],[b.clone() for b in self._snaps.bufs]
     hs = [o.register_forward_hook(partial(_leaf_hook, rec, i)) for i,(_,o) in enumerate(leaves)]
     rng = torch.random.fork_rng(devices=[dev] if dev.type=='cuda' else [])
-    with rng, e.aside(('replay', lrn.train_iter, id(lrn.xb))):
+    with rng, _eager(), e.aside(('replay', lrn.train_iter, id(lrn.xb))):
         try:
             with torch.no_grad(): loss = lrn.loss_func(m(*lrn.xb), *lrn.yb)
             rows = self._fwd_checks(loss, count=False)[0]
@@ -726,7 +731,7 @@ def _blame(self:ExplosionGuard):
     hs = [o.register_forward_hook(partial(_leaf_hook, rec, i)) for i,o in enumerate(leaves)]
     dev = self._base.dev
     rng = torch.random.fork_rng(devices=[dev] if dev.type=='cuda' else [])
-    with rng, self._engine.aside(('blame', lrn.train_iter), False):
+    with rng, _eager(), self._engine.aside(('blame', lrn.train_iter), False):
         try: pos = _bisect(bad, bs)
         except Exception as e: # a diagnosis, not worth a fit: say so and go on
             warnings.warn(f"ExplosionGuard: the samples of a non-finite batch could not be blamed: {e!r}"); return {}

@@ -27,6 +27,13 @@ def nan_batch(n):
         if self.training and self.train_iter==n: self.learn.xb = (self.xb[0].clone().fill_(float('nan')),)
     return type('NaNBatch', (Callback,), dict(order=-20, before_batch=before_batch))()
 
+def stop_after(n):
+    "A callback that ends the fit after training batch `n`"
+    from fastai.callback.core import Callback, CancelFitException
+    def after_batch(self):
+        if self.training and self.train_iter>=n: raise CancelFitException
+    return type('StopAfter', (Callback,), dict(after_batch=after_batch))()
+
 def run_py(code, cwd=ROOT, timeout=600, env=None):
     "Run `code` in a fresh Python process; return the CompletedProcess"
     return subprocess.run([sys.executable, '-c', code], cwd=cwd, capture_output=True, text=True, timeout=timeout,

@@ -7,7 +7,7 @@ import pytest, torch
 sys.path.insert(0, str(Path(__file__).parents[1]/'bench'))
 from guard_faults import run, resnet_digits, make_dls, EXPECT, FAULTS
 from fastai.learner import Learner
-from conftest import nan_batch
+from conftest import nan_batch, stop_after
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
@@ -335,3 +335,18 @@ def test_compiled_thresholds_follow_settings():
         want,got = _fwd_math(*a)[0],_GK['fwd'](*a)[0]
         assert torch.allclose(got[2:4], want[2:4], equal_nan=True), (std_max, dead_max, got, want)
         assert got[2,4]==torch.tensor(std_max).float() and got[3,4]==torch.tensor(dead_max).float(), got
+
+def test_replays_compile_nothing():
+    "The guard's replays of bad batches run a compiled model eagerly: no recompile for their no-grad or sub-batch passes"
+    from torch._dynamo.utils import counters
+    import torch.nn.functional as F
+    def run(nans):
+        torch._dynamo.reset(); counters.clear(); set_seed(0)
+        m = nn.Sequential(nn.Linear(64,32), nn.ReLU(), nn.Linear(32,10))
+        learn = Learner(digits_dls(flat=True, bs=32), torch.compile(m), loss_func=F.cross_entropy,
+                        cbs=[ExplosionGuard('skip', verbose=False)]+[nan_batch(i) for i in nans])
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=stop_after(6))
+        return dict(counters['stats']),dict(counters['frames']),learn.explosion_guard.events
+    a,b = run([]),run([2, 4])
+    assert len(b[2])==2 and all(e['layer']=='input' and 'samples' in e for e in b[2]), b[2] # replayed, then blamed
+    assert b[0]['unique_graphs']==a[0]['unique_graphs'] and b[1]==a[1], (a[:2], b[:2])

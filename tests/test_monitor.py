@@ -3,7 +3,7 @@ The interrupt tests run on both statistics paths (`kernel` in conftest.py): the 
 import subprocess, sys, textwrap
 import pytest, torch, torch.nn as nn, torch.nn.functional as F
 from fastai.learner import Learner
-from conftest import nan_batch
+from conftest import nan_batch, stop_after as StopAfter
 from fastai.callback.core import Callback, CancelFitException
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
@@ -14,11 +14,6 @@ from deepstable_fastai.data import digits_dls
 from deepstable_fastai.monitor import ActivationMonitor, MONITOR_STATS
 
 def n_hooks(m): return sum(len(o._forward_hooks)+len(o._backward_hooks)+len(o._forward_pre_hooks) for o in m.modules())
-
-class StopAfter(Callback):
-    def __init__(self, n): self.n = n
-    def after_batch(self):
-        if self.training and self.train_iter>=self.n: raise CancelFitException
 
 def interrupt(at, n=2):
     "A callback that raises `KeyboardInterrupt` in event `at` of training batch `n`"
