@@ -96,7 +96,7 @@ class StatsEngine:
         self.remove()
         self.names,self.modules = [n for n,_ in named],[m for _,m in named]
         self.idx = {n:i for i,n in enumerate(self.names)}
-        H = _eager_hook() if _compiled(self.model) else _Hook # traced, the hooks' bookkeeping would recompile each batch
+        H = _eager_hook() if _compiled(self.model) else _Hook # traced, their bookkeeping would recompile each batch
         self.handles = [m.register_forward_hook(H(self, i)) for i,m in enumerate(self.modules)]
         self.handles.append(self.model.register_forward_hook(H(self, -1), always_call=True))
         self.raw = self.rhist = None
@@ -380,7 +380,8 @@ def rows(self:StatsEngine, user, dev=None):
     k = (self.users[id(user)], dev)
     if k not in self._ixs: # the engine may hook more modules than `user` asked for, for another callback
         ix = tuple(self.idx[n] for n in k[0])
-        _cache(self._ixs, 8)[k] = ix if dev is None else None if ix==tuple(range(len(self))) else _upload(ix, torch.long, dev)
+        if dev is not None: ix = None if ix==tuple(range(len(self))) else _upload(ix, torch.long, dev)
+        _cache(self._ixs, 8)[k] = ix
     return self._ixs[k]
 
 @patch

@@ -337,7 +337,7 @@ def test_compiled_thresholds_follow_settings():
         assert got[2,4]==torch.tensor(std_max).float() and got[3,4]==torch.tensor(dead_max).float(), got
 
 def test_replays_compile_nothing():
-    "The guard's replays of bad batches run a compiled model eagerly: no recompile for their no-grad or sub-batch passes"
+    "The guard's replays of bad batches run a compiled model eagerly: no recompile for no-grad or sub-batch passes"
     from torch._dynamo.utils import counters
     import torch.nn.functional as F
     def run(nans):

@@ -244,7 +244,7 @@ def test_guard_of_some_modules_beside_monitor():
                         cbs=cbs+([ActivationMonitor()] if monitor else []))
         with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=StopAfter(5))
         g = learn.explosion_guard
-        return [(e['train_iter'], e['kind'], e['layer']) for e in g.events],[set(g.flight(i).module) for i in range(len(g.events))]
+        return [(e['train_iter'], e['kind'], e['layer']) for e in g.events],[set(g.flight(e).module) for e in g.events]
     assert run(None, False)[0][0]==(2, 'exploding_act', '0') # watching every module, the guard sees module 0 blow up
     ev,fl = run(['2'], True)
     assert (ev,fl)==run(['2'], False), ev
