@@ -663,7 +663,8 @@ def _between(self:ExplosionGuard, r, leaves, ran):
     e,o = self._engine,self._fit.last_order
     p = int(r.pos); b = e.modules[o[p]]
     nb = strip_ddp(e.names[o[p]])
-    if r.aux>0 or p==0: return 'input' if r.aux>0 and p==0 else nb if p==0 else f'input of {nb}'
+    if r.aux>0: return 'input' if p==0 and self.modules is None else f'input of {nb}' # see `_layer`
+    if p==0: return nb
     a = e.modules[o[p-1]]; na = strip_ddp(e.names[o[p-1]])
     leaf = {id(m):i for i,(_,m) in enumerate(leaves)}
     ia,ib = leaf.get(id(a)),leaf.get(id(b))
@@ -770,7 +771,8 @@ def _layer(self:ExplosionGuard, k, r):
     if k in ('nonfinite_grad','exploding_grad'): return f.params[f.gii[int(r.idx)]][0]
     if k=='nonfinite_act' and f.origin: return f.origin
     name = strip_ddp(self._engine.names[int(r.idx)]) or 'model' # a model hooked as a whole has no name
-    if k=='nonfinite_act' and r.aux>0: return 'input' if r.pos==0 else f'input of {name}'
+    if k=='nonfinite_act' and r.aux>0: # the data, if the first module is the default selection's: a chosen one's
+        return 'input' if r.pos==0 and self.modules is None else f'input of {name}' # input may come from others
     return name
 
 def _where(snap): return 'the start of the fit' if snap['iter'] is None else f"the state after batch {snap['iter']}"

@@ -3,7 +3,7 @@ The interrupt tests run on both statistics paths (`kernel` in conftest.py): the 
 import subprocess, sys, textwrap
 import pytest, torch, torch.nn as nn, torch.nn.functional as F
 from fastai.learner import Learner
-from conftest import nan_batch, stop_after as StopAfter
+from conftest import nan_batch, stop_after
 from fastai.callback.core import Callback, CancelFitException
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
@@ -32,7 +32,7 @@ def interrupt_err(at, err, n=2):
         if self.training and self.iter==n: raise err('boom')
     return type('Interrupt', (Callback,), {at: boom})()
 
-def then_fit(learn): learn.fit(1, cbs=StopAfter(3))
+def then_fit(learn): learn.fit(1, cbs=stop_after(3))
 def then_preds(learn): learn.get_preds()
 def then_validate(learn): learn.validate() # `predict` enters through `get_preds`
 def then_export(learn, tmp_path):
@@ -60,7 +60,7 @@ def test_exception_then_entry_point(at, then, tmp_path):
         else: dict(fit=then_fit, get_preds=then_preds, validate=then_validate)[then](learn)
     assert n_hooks(learn.model)==0 and '_stats_engine' not in learn.__dict__ and mon._engine is None and mon._snap is None
     assert mon.k==(3 if then=='fit' or at=='after_batch' else 2) # records of the fit that raised are kept
-    with learn.no_bar(), learn.no_logging(): learn.fit(1, cbs=StopAfter(3))   # usable afterwards
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, cbs=stop_after(3))   # usable afterwards
     assert mon.k==3 and n_hooks(learn.model)==0
 
 def test_remove_and_gc():
@@ -155,7 +155,7 @@ def test_vision_learner_png_pipeline(tmp_path):
     from deepstable_fastai.data import digits_image_dls
     dls = digits_image_dls(tmp_path, size=32, bs=32, num_workers=0)
     learn = vision_learner(dls, resnet18, pretrained=False, loss_func=F.cross_entropy, cbs=ActivationMonitor(with_hist=True))
-    with learn.no_bar(), learn.no_logging(): learn.fit(1, cbs=StopAfter(4))
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, cbs=stop_after(4))
     m = learn.activation_monitor
     assert m.k==4 and '0.0' in m.names and any(n.startswith('1.') for n in m.names)
     assert m.values('grad_norm', '0.0').isfinite().all()
@@ -203,7 +203,7 @@ def test_compiled_model_names():
     m = nn.Sequential(nn.Linear(64,32), nn.ReLU(), nn.Linear(32,10))
     learn = Learner(digits_dls(flat=True, bs=64), torch.compile(m), loss_func=F.cross_entropy,
                     cbs=[ActivationMonitor(modules=['0', '2']), ExplosionGuard('skip', verbose=False), nan_batch(2)])
-    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=StopAfter(4))
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=stop_after(4))
     assert learn.activation_monitor.names==['0', '2']
     ev = learn.explosion_guard.events
     assert ev and all('_orig_mod' not in str(e['layer']) for e in ev), ev
@@ -219,7 +219,7 @@ def test_some_modules_beside_guard(modules):
         cbs = [ActivationMonitor(modules=modules, update_every=1, with_hist=True)]
         learn = Learner(digits_dls(flat=True, bs=64), m, loss_func=F.cross_entropy,
                         cbs=cbs+([ExplosionGuard('skip', verbose=False)] if guard else []))
-        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=StopAfter(4))
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=stop_after(4))
         return learn.activation_monitor
     a,b = run(False),run(True)
     assert b.names==modules and b.k==a.k==4
@@ -242,10 +242,10 @@ def test_guard_of_some_modules_beside_monitor():
         cbs = [ExplosionGuard('skip', modules=mods, verbose=False), Blow(), nan_batch(3)]
         learn = Learner(digits_dls(flat=True, bs=64), m, loss_func=F.cross_entropy,
                         cbs=cbs+([ActivationMonitor()] if monitor else []))
-        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=StopAfter(5))
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=stop_after(5))
         g = learn.explosion_guard
         return [(e['train_iter'], e['kind'], e['layer']) for e in g.events],[set(g.flight(e).module) for e in g.events]
     assert run(None, False)[0][0]==(2, 'exploding_act', '0') # watching every module, the guard sees module 0 blow up
     ev,fl = run(['2'], True)
     assert (ev,fl)==run(['2'], False), ev
-    assert [e[:2] for e in ev]==[(3, 'nonfinite_act')] and fl==[{'2'}], (ev, fl)
+    assert ev==[(3, 'nonfinite_act', 'input of 2')] and fl==[{'2'}], (ev, fl) # its first module's input, not 'input'
