@@ -385,6 +385,12 @@ def rows(self:StatsEngine, user, dev=None):
     return self._ixs[k]
 
 @patch
+def mine(self:StatsEngine, user, t):
+    "The rows of `t`, a table over the engine's modules, that are `user`'s"
+    ix = self.rows(user, t.device)
+    return t if ix is None else t.index_select(0, ix)
+
+@patch
 def release(self:StatsEngine, learn, user):
     "Drop `user`; the last one out removes every hook"
     self.users.pop(id(user), None); self._users_changed()

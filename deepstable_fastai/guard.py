@@ -305,6 +305,7 @@ def _fwd_checks(self:ExplosionGuard, loss, count=True):
     "Forward rows (`_FWD`) from `loss` and the engine, the per-module std for the baseline, the mean loss"
     l,b,k = loss.detach().as_subclass(torch.Tensor),self._base,self._fit.k # fastai's tensor subclass costs per op
     s,(o,ix) = self._engine.stats(),self._order()
+    if count and o: self._fit.last_order = o # the training pass's order, for the gradient ranks and `_between`
     if s is None or not o: rows,lm = k['loss'](l, b.loss_thr); return rows,None,lm
     return k['fwd'](s, ix, self._act, b.vcnt, b.act_thr, l, b.loss_thr, float(self.std_max),
                     float(self.absmax_max), float(self.std_min), float(self.dead_max), self.patience, count)
@@ -432,8 +433,7 @@ def sync_verdict(v:torch.Tensor # This rank's `(kinds, cols)` verdict
 @patch
 def _fly(self:ExplosionGuard, s):
     "Keep `s`, this batch's per-module statistics, in the flight recorder"
-    f,ix = self._fit,self._engine.rows(self, s.device)
-    if ix is not None: s = s.index_select(0, ix) # the guard's modules only
+    f,s = self._fit,self._engine.mine(self, s) # the guard's modules only
     if f.flight is None or f.flight.shape[1:]!=s.shape:
         k = self.flight_batches
         f.flight,f.fiters,f.nflight = s.new_full((k, *s.shape), float('nan')),[None]*k,0
@@ -479,7 +479,6 @@ def after_loss(self:ExplosionGuard):
     if self._engine is None: return
     e,f,p = self._engine,self._fit,self._pend
     if len(e)!=f.nmods: self._modules_changed()
-    if (o:=self._order()[0]): f.last_order = o
     rows,p.std,p.loss = self._fwd_checks(self.learn.loss)
     s = e.stats()
     if s is not None: self._fly(s)
@@ -658,12 +657,17 @@ def _localise(self:ExplosionGuard, R, refine=False):
     return {**R, **{k:F[k] for k in ('nonfinite_act','exploding_act')}}
 
 @patch
+def _input(self:ExplosionGuard, pos, name):
+    "A bad input at forward position `pos`: the data's at the default selection's first module, else module `name`'s"
+    return 'input' if pos==0 and self.modules is None else f'input of {name}' # a chosen module may be fed by others
+
+@patch
 def _between(self:ExplosionGuard, r, leaves, ran):
     "Origin of a once-only NaN first seen in module `r`'s output: it, or between it and the one before it"
     e,o = self._engine,self._fit.last_order
     p = int(r.pos); b = e.modules[o[p]]
     nb = strip_ddp(e.names[o[p]])
-    if r.aux>0: return 'input' if p==0 and self.modules is None else f'input of {nb}' # see `_layer`
+    if r.aux>0: return self._input(p, nb)
     if p==0: return nb
     a = e.modules[o[p-1]]; na = strip_ddp(e.names[o[p-1]])
     leaf = {id(m):i for i,(_,m) in enumerate(leaves)}
@@ -771,8 +775,7 @@ def _layer(self:ExplosionGuard, k, r):
     if k in ('nonfinite_grad','exploding_grad'): return f.params[f.gii[int(r.idx)]][0]
     if k=='nonfinite_act' and f.origin: return f.origin
     name = strip_ddp(self._engine.names[int(r.idx)]) or 'model' # a model hooked as a whole has no name
-    if k=='nonfinite_act' and r.aux>0: # the data, if the first module is the default selection's: a chosen one's
-        return 'input' if r.pos==0 and self.modules is None else f'input of {name}' # input may come from others
+    if k=='nonfinite_act' and r.aux>0: return self._input(r.pos, name)
     return name
 
 def _where(snap): return 'the start of the fit' if snap['iter'] is None else f"the state after batch {snap['iter']}"

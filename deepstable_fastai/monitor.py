@@ -122,15 +122,9 @@ def _per_param(self:ActivationMonitor, v):
     "Per-parameter norms `v` of the trained parameters, spread over all of `params`, and the mask of those"
     e,dev = self._engine,self._nan.device
     n = len(e.params)
-    if len(self._live)==n: return self._own(e.module_norms(v.to(dev).float(), e._all_true(dev)))
+    if len(self._live)==n: return e.mine(self, e.module_norms(v.to(dev).float(), e._all_true(dev)))
     ix,has = e._index(self._live, dev)
-    return self._own(e.module_norms(torch.zeros(n, device=dev).index_copy_(0, ix, v.to(dev).float()), has))
-
-@patch
-def _own(self:ActivationMonitor, t):
-    "The rows of `t`, a table over the engine's modules, that are this monitor's (the guard may have hooked more)"
-    ix = self._engine.rows(self, t.device)
-    return t if ix is None else t.index_select(0, ix)
+    return e.mine(self, e.module_norms(torch.zeros(n, device=dev).index_copy_(0, ix, v.to(dev).float()), has))
 
 # %% ../nbs/05_monitor.ipynb #e97489bb
 def _flat(p):
@@ -197,7 +191,7 @@ def before_step(self:ActivationMonitor):
     if not (self._rec and self.grads): return
     e = self._engine
     s = _loss_scale(self.learn)
-    gn = self._own(e.grad_norms(scaled=s is not None))
+    gn = e.mine(self, e.grad_norms(scaled=s is not None))
     if s is not None: gn = gn/s.to(gn.device).float()
     self._g = torch.cat([gn[:,None], self._nan[:,1:]], 1)
     if not self._upd: return
@@ -221,12 +215,13 @@ def after_step(self:ActivationMonitor):
 def after_batch(self:ActivationMonitor):
     "Write this batch's statistics into the history"
     if not self._rec: return
-    self._rec,s = False,self._engine.stats()
+    e = self._engine
+    self._rec,s = False,e.stats()
     if s is None: return
-    k,n = self.k,self._engine.raw[:len(s),:1]
-    s,n,g = self._own(s),self._own(n),(self._nan if self._g is None else self._g)
+    k,n = self.k,e.raw[:len(s),:1]
+    s,n,g = e.mine(self, s),e.mine(self, n),(self._nan if self._g is None else self._g)
     self.buf[k].copy_(torch.cat([s[:,:len(STATS)], g, n.to(g.dtype)], 1))
-    if self.hbuf is not None and (h:=self._engine.hists()) is not None: self.hbuf[k].copy_(self._own(h))
+    if self.hbuf is not None and (h:=e.hists()) is not None: self.hbuf[k].copy_(e.mine(self, h))
     self._posn[k] = self._where
     self.k += 1
     if self.k==self.cap: self._halve()
