@@ -11,8 +11,9 @@ Tables (markdown):
    against at the end of the forward pass (the default), in one process, interleaved, with the paired difference;
 5. (`--uploads`) arrays made from host data per training batch on the device path (on a GPU each is a copy the host
    waits for), with a batch size that changes every batch and with a frozen body, where the engine's tables change;
-6. (`--compiled`) a model given to `torch.compile`: dynamo frames and graphs compiled, and the first fit's seconds,
-   without callbacks, with the monitor, the guard, and the guard replaying two bad batches.
+6. (`--compiled`) a model given to `torch.compile`: dynamo frames, graphs and graph breaks, the first batch's seconds
+   (compiling) and the later batches' milliseconds, without callbacks, with the monitor (and histograms), the guard,
+   and the guard replaying two bad batches.
 Run: OMP_NUM_THREADS=1 python bench/engine.py [--quick] [--defer] [--uploads] [--compiled]
 """
 import argparse, os, statistics, time, warnings
@@ -208,22 +209,32 @@ class NaNAt(Callback):
     def before_batch(self):
         if self.training and self.train_iter in self.its: self.learn.xb = (self.xb[0].clone().fill_(float('nan')),)
 
-def compiled_table(nb=8):
-    "Frames and graphs dynamo compiles for a compiled xresnet18 in a fit of `nb` batches, and the fit's seconds"
+class Steps(Callback):
+    "Wall seconds of each training batch, `before_batch` to `after_batch`"
+    order = 98
+    def before_fit(self): self.t = []
+    def before_batch(self): self.t0 = time.perf_counter()
+    def after_batch(self):
+        if self.training: self.t.append(time.perf_counter()-self.t0)
+
+def compiled_table(nb=10):
+    "Frames, graphs and graph breaks dynamo makes of a compiled xresnet18 in a fit of `nb` batches, and its seconds"
     from torch._dynamo.utils import counters
     import torch._inductor.config as ic
     ic.fx_graph_cache = False # each row compiles from scratch, not from the graphs of the rows before it
-    cfgs = {'none': [], 'monitor': [ActivationMonitor()], "guard ('skip')": [ExplosionGuard('skip', verbose=False)],
+    cfgs = {'none': [], 'monitor': [ActivationMonitor()], 'monitor (with_hist)': [ActivationMonitor(with_hist=True)],
+            "guard ('skip')": [ExplosionGuard('skip', verbose=False)],
             "guard ('skip'), 2 all-NaN batches": [ExplosionGuard('skip', verbose=False), NaNAt((3, 6))]}
-    print('| callbacks | dynamo frames | graphs | fit seconds (with compiling) | guard events |\n|---|---|---|---|---|')
+    print('| callbacks | dynamo frames | graphs | graph breaks | first batch s (compiling) | later batches ms (median) '
+          '| guard events |\n|---|---|---|---|---|---|---|')
     for k,cbs in cfgs.items():
         torch._dynamo.reset(); counters.clear()
-        learn = make('xresnet18'); learn.model = torch.compile(learn.model)
-        t = time.perf_counter()
-        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=cbs+[CancelAfter(nb)])
+        learn = make('xresnet18'); learn.model = torch.compile(learn.model); st = Steps()
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=cbs+[st, CancelAfter(nb)])
         ev = [c.events for c in cbs if isinstance(c, ExplosionGuard)]
         print(f"| {k} | {counters['frames']['total']} | {counters['stats']['unique_graphs']} | "
-              f"{time.perf_counter()-t:.1f} | {len(ev[0]) if ev else '-'} |")
+              f"{sum(counters['graph_break'].values())} | {st.t[0]:.1f} | {statistics.median(st.t[2:])*1e3:.0f} | "
+              f"{len(ev[0]) if ev else '-'} |", flush=True)
 
 if __name__=='__main__':
     ap = argparse.ArgumentParser()

@@ -6,7 +6,7 @@ Docs: https://deepstable.github.io/deepstable-fastai/engine.html.md"""
 
 # %% ../nbs/02_engine.ipynb #66426837
 from __future__ import annotations
-import functools, sys, weakref, warnings
+import sys, weakref, warnings
 import torch, torch.nn as nn
 from contextlib import contextmanager
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -14,6 +14,7 @@ from torch._C import DisableTorchFunctionSubclass as _plain
 from fastcore.basics import patch, listify
 from fastai.learner import Learner
 from .stats import act_types, compiled, kernel_path, _tensors, _kernels, _finish, ROW
+from .stats import _merge_rows, _add_hist, _INF
 
 # %% auto #0
 __all__ = ['find_modules', 'StatsEngine', 'batch_key', 'training_fit', 'fit_running', 'OpCounter']
@@ -67,11 +68,11 @@ class _Hook:
         elif e.active: e._end()
     def __reduce__(self): return (_inert, ())
 
-@functools.cache
-def _eager_hook():
-    "`_Hook` for a compiled model, made on first use (`torch.compiler.disable` imports dynamo, which takes seconds)"
-    # its `__call__` runs eagerly at a graph break, and dynamo compiles no frame of it per module, size and grad mode
-    return type('_EagerHook', (_Hook,), dict(__call__=torch.compiler.disable(_Hook.__call__)))
+class _TracedHook(_Hook):
+    "`_Hook` of a compiled model: traced into its graph as tensor ops (`_trace`), run as `_Hook` where it runs eagerly"
+    def __call__(self, m, inp, out):
+        if not torch.compiler.is_compiling(): return _Hook.__call__(self, m, inp, out) # e.g. a guard's eager replay
+        if self.i>=0 and self.e.active: self.e._trace(self.i, inp, out)
 
 def _compiled(model):
     "Is `model`, or a module in it, compiled with `torch.compile` or `nn.Module.compile`?"
@@ -96,10 +97,11 @@ class StatsEngine:
         self.remove()
         self.names,self.modules = [n for n,_ in named],[m for _,m in named]
         self.idx = {n:i for i,n in enumerate(self.names)}
-        H = _eager_hook() if _compiled(self.model) else _Hook # traced, their bookkeeping would recompile each batch
+        self._cm = _compiled(self.model) # its hooks are traced into its graph: see `_trace`
+        H = _TracedHook if self._cm else _Hook
         self.handles = [m.register_forward_hook(H(self, i)) for i,m in enumerate(self.modules)]
         self.handles.append(self.model.register_forward_hook(H(self, -1), always_call=True))
-        self.raw = self.rhist = None
+        self.raw = self.rhist = self.traw = self.thist = None; self._traced = False
         self._slots,self._meta,self._ids,self._nidx,self._defer,self._warned,self._tr = {},{},None,{},{},False,True
         self._ixs = {} # index and mask of a subset of `params` (those with gradients...), per subset: see `_index`
         self._users_changed()
@@ -109,6 +111,7 @@ class StatsEngine:
         self._wait = list(self._sets) # users none of whose modules ran yet this batch: see `_lead`
         self.order,self._stats,self._gn,self.do_hist,self._fresh = [],None,None,False,True
         self._pgn = None # this batch's gradient norms, shared by the users: see `param_grad_norms`
+        if self._traced: self._tzero() # sums a compiled graph left that nobody read
         self._drop()
     def _drop(self): # forget what is staged; `_dfr`: outputs whose copy waits for `_flush`, `_watch`: outputs watched
         self._lay,self._pos,self._dfr,self._watch = [],0,[],[]
@@ -139,6 +142,7 @@ def begin(self:StatsEngine, key, want:bool=True, hist:bool=False):
         self.key,self.active,self._tr = key,False,self.model.training; self._reset()
     self.active = self.active or want
     self.do_hist = self.do_hist or (want and hist)
+    if self._cm and self.active: self._tbufs() # before the forward pass: a compiled graph writes into them
 
 @patch
 def end(self:StatsEngine):
@@ -327,10 +331,80 @@ def _lead(self:StatsEngine, i):
     hit,self._wait = len(w)<len(self._wait),w
     return hit
 
+# %% ../nbs/02_engine.ipynb #44b5a2af
+def _sums(x, near_zero:float, eye, dt):
+    "Raw sums `[n, sum, sum of squares, absmax, n_near_zero, n_zero, n_nan, n_inf]` of `x`, in `dt`; `eye`: bool"
+    d = x.reshape(-1).to(dt); a = d.abs()
+    rs = (d.new_full((), d.numel()), d.sum(), (d*d).sum(), torch.where(d==d, a, 0).amax(), (a<=near_zero).to(d).sum(),
+          (d==0).to(d).sum(), (d!=d).to(d).sum(), (a==_INF).to(d).sum())
+    # not `torch.stack`, which makes inductor split the 7 reductions into 7 kernels; not `r*eye[k]`: NaN*0 is NaN
+    return sum(torch.where(eye[k], r, 0) for k,r in enumerate(rs))
+
+@patch
+def _trace(self:StatsEngine, i, inp, out):
+    "`_hook` inside a compiled model's graph: tensor ops only, into `traw` (see `_fold`)"
+    ts = _tensors(out)
+    if not ts: return
+    for t in ts: self._tacc(i, t)
+    if self.check_inputs or (self._wait and self._lead(i)):
+        xs = _tensors(inp)
+        if xs: self._tacc(len(self)+i, xs[0])
+    self.order.append(i); self._traced = True # dynamo replays both after each run of the graph
+
+@patch
+def _tacc(self:StatsEngine, i, t):
+    "Add the sums of `t` to row `i` of `traw` (and its histogram to `thist`, for module rows, when asked)"
+    if not t.numel(): return
+    with torch.autocast(t.device.type, enabled=False):
+        x = t.detach()
+        if type(x) is not torch.Tensor: x = x.as_subclass(torch.Tensor)
+        r,b = self.traw[i],_sums(x, self.near_zero, self._eye, self.traw.dtype)
+        r.copy_(torch.where(self._amx, torch.maximum(r, b), r+b))
+        if self.do_hist and i<len(self):
+            h = self.thist[i:i+1]; x = x.reshape(1,-1)
+            h.copy_(_add_hist(h, x, torch.zeros_like(x, dtype=torch.long), torch.ones_like(x, dtype=h.dtype),
+                              *self.hist_range[:2]))
+
+def _static(t):
+    "`t`, which a compiled graph writes into: CUDA graphs (`mode='reduce-overhead'`) allow that at a fixed address only"
+    torch._dynamo.mark_static_address(t); return t
+
+@patch
+def _tbufs(self:StatsEngine):
+    "Make the buffers a compiled graph sums into, on the parameters' device, if they are missing or stale"
+    dev = self.params[0].device if self.params else torch.device('cpu')
+    t,nb = self.traw,self.hist_range[2]+3
+    if t is None or t.device!=dev or t.shape[0]!=2*len(self):
+        dt = torch.float64 if dev.type in ('cpu','cuda') else torch.float32
+        self.traw,self._traced = _static(torch.zeros(2*len(self), 8, dtype=dt, device=dev)),False
+        self._eye,self._amx = torch.eye(8, dtype=torch.bool, device=dev),torch.arange(8, device=dev)==3
+        self._seg,self.thist = torch.arange(2*len(self), device=dev),None
+    if self.do_hist and (self.thist is None or self.thist.shape[1]!=nb):
+        self.thist = _static(torch.zeros(len(self), nb, dtype=torch.int32, device=dev))
+
+@patch
+def _tzero(self:StatsEngine):
+    "Empty the compiled graph's buffers for the next batch"
+    self.traw.zero_(); self._traced = False
+    if self.thist is not None: self.thist.zero_()
+
+@patch
+def _fold(self:StatsEngine):
+    "Merge the sums a compiled graph left in `traw` (and `thist`) into the raw rows"
+    if not self._traced: return
+    t = self.traw
+    if self._fresh: self._zero(t.device)
+    n = t[:,0]; m = t[:,1]/n.clamp_min(1)
+    p = torch.cat([torch.stack([n, m, (t[:,2]-t[:,1]*m).clamp_min(0), t[:,3]], 1), t[:,4:]], 1)
+    self.raw = _merge_rows(self.raw, p.to(self.raw.dtype), self._seg)
+    if self.do_hist and self.rhist is not None and self.thist is not None: self.rhist += self.thist.to(self.rhist.dtype)
+    self._tzero(); self._stats = None
+
 # %% ../nbs/02_engine.ipynb #812ee91f
 @patch
 def stats(self:StatsEngine):
     "`(n_modules, len(STATS)+1)` tensor of this batch's `STATS` plus `in_bad`, or `None` if nothing was recorded"
+    self._fold()
     if self._lay: self._flush()
     if self._stats is not None or not self.order: return self._stats
     fin = _finish if self._mode=='cpp' else _kernels['finish'] # the CPU path never compiles
@@ -340,6 +414,7 @@ def stats(self:StatsEngine):
 @patch
 def hists(self:StatsEngine):
     "This batch's `(n_modules, bins+3)` histogram counts (int64 from the C++ op, int32 compiled), or `None`"
+    self._fold()
     if self._lay: self._flush()
     return self.rhist if self.order and self.do_hist else None
 
@@ -348,6 +423,7 @@ def hists(self:StatsEngine):
 @contextmanager
 def aside(self:StatsEngine, key, check_inputs:bool=True):
     "Record the forward passes inside the block as batch `key`, then put back the current batch's records"
+    self._fold()
     if self._lay: self._flush()
     ts = [None if t is None else t.clone() for t in (self.raw, self.rhist)]
     st = (self.key, self.active, self.order, self._stats, self._gn, self.do_hist, self._fresh, self.check_inputs)
@@ -356,6 +432,7 @@ def aside(self:StatsEngine, key, check_inputs:bool=True):
     finally:
         self.key,self.active,self.order,self._stats,self._gn,self.do_hist,self._fresh,self.check_inputs = st
         self._drop()
+        if self._traced: self._tzero()
         self.raw,self.rhist = ts
 
 # %% ../nbs/02_engine.ipynb #8aefe790

@@ -208,6 +208,29 @@ def test_compiled_model_names():
     ev = learn.explosion_guard.events
     assert ev and all('_orig_mod' not in str(e['layer']) for e in ev), ev
 
+def test_compiled_model_one_graph():
+    "A compiled model stays one graph with the monitor and the guard, and they record what they record eagerly"
+    from torch._dynamo.utils import counters
+    from deepstable_fastai.guard import ExplosionGuard
+    def run(comp):
+        torch._dynamo.reset(); counters.clear(); set_seed(0)
+        m = nn.Sequential(nn.Linear(64,32), nn.BatchNorm1d(32), nn.ReLU(inplace=True), nn.Linear(32,10))
+        learn = Learner(digits_dls(flat=True, bs=64), torch.compile(m) if comp else m, loss_func=F.cross_entropy,
+                        cbs=[ActivationMonitor(with_hist=True), ExplosionGuard('skip', verbose=False), nan_batch(2)])
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 0., cbs=stop_after(5)) # lr 0: the same net each batch
+        return learn,dict(counters['stats']),dict(counters['graph_break'])
+    (a,_,_),(b,st,gb) = run(False),run(True)
+    assert st['unique_graphs']==1 and not gb, (st, gb)
+    ma,mb = a.activation_monitor,b.activation_monitor
+    assert ma.k==mb.k==5
+    for s in ('mean','std','absmax','near_zero','zero','nan'):
+        va,vb = (torch.as_tensor(m.values(s)) for m in (ma, mb))
+        torch.testing.assert_close(vb, va, rtol=1e-4, atol=1e-5, equal_nan=True, msg=s)
+    ha,hb = ma.hbuf[:5].long(),mb.hbuf[:5].long()
+    assert (ha.sum(-1)==hb.sum(-1)).all() and (ha-hb).abs().max()<=2, (ha-hb).abs().max()
+    ea,eb = ([(e['train_iter'], e['kind'], e['layer']) for e in l.explosion_guard.events] for l in (a, b))
+    assert ea==eb==[(2, 'nonfinite_act', 'input')], (ea, eb)
+
 @pytest.mark.usefixtures('kernel')
 @pytest.mark.parametrize('modules', [['0', '2'], ['2', '0']])
 def test_some_modules_beside_guard(modules):
