@@ -318,11 +318,16 @@ def _hook(self:StatsEngine, i, inp, out):
             if self._fresh: self._zero(ts[0].device)
             self._stats = None
             for t in ts: self._acc(i, t)
-            if self.check_inputs or (self._wait and self._lead(i)):
-                xs = _tensors(inp)
-                if xs: self._acc(len(self)+i, xs[0])
+            if (x:=self._checked(i, inp)) is not None: self._acc(len(self)+i, x)
     finally: torch._C._set_grad_enabled(g)
     self.order.append(i)
+
+@patch
+def _checked(self:StatsEngine, i, inp):
+    "The input of module `i` if it is checked this batch (every input with `check_inputs`, else see `_lead`)"
+    if self.check_inputs or (self._wait and self._lead(i)):
+        xs = _tensors(inp)
+        if xs: return xs[0]
 
 @patch
 def _lead(self:StatsEngine, i):
@@ -346,9 +351,7 @@ def _trace(self:StatsEngine, i, inp, out):
     ts = _tensors(out)
     if not ts: return
     for t in ts: self._tacc(i, t)
-    if self.check_inputs or (self._wait and self._lead(i)):
-        xs = _tensors(inp)
-        if xs: self._tacc(len(self)+i, xs[0])
+    if (x:=self._checked(i, inp)) is not None: self._tacc(len(self)+i, x)
     self.order.append(i); self._traced = True # dynamo replays both after each run of the graph
 
 @patch
@@ -400,12 +403,17 @@ def _fold(self:StatsEngine):
     if self.do_hist and self.rhist is not None and self.thist is not None: self.rhist += self.thist.to(self.rhist.dtype)
     self._tzero(); self._stats = None
 
+@patch
+def _settle(self:StatsEngine):
+    "Bring this batch's raw rows up to date: the sums of a compiled graph folded in, the staged outputs reduced"
+    self._fold()
+    if self._lay: self._flush()
+
 # %% ../nbs/02_engine.ipynb #812ee91f
 @patch
 def stats(self:StatsEngine):
     "`(n_modules, len(STATS)+1)` tensor of this batch's `STATS` plus `in_bad`, or `None` if nothing was recorded"
-    self._fold()
-    if self._lay: self._flush()
+    self._settle()
     if self._stats is not None or not self.order: return self._stats
     fin = _finish if self._mode=='cpp' else _kernels['finish'] # the CPU path never compiles
     self._stats = fin(self.raw, len(self))
@@ -414,8 +422,7 @@ def stats(self:StatsEngine):
 @patch
 def hists(self:StatsEngine):
     "This batch's `(n_modules, bins+3)` histogram counts (int64 from the C++ op, int32 compiled), or `None`"
-    self._fold()
-    if self._lay: self._flush()
+    self._settle()
     return self.rhist if self.order and self.do_hist else None
 
 # %% ../nbs/02_engine.ipynb #b8c36e6a
@@ -423,8 +430,7 @@ def hists(self:StatsEngine):
 @contextmanager
 def aside(self:StatsEngine, key, check_inputs:bool=True):
     "Record the forward passes inside the block as batch `key`, then put back the current batch's records"
-    self._fold()
-    if self._lay: self._flush()
+    self._settle()
     ts = [None if t is None else t.clone() for t in (self.raw, self.rhist)]
     st = (self.key, self.active, self.order, self._stats, self._gn, self.do_hist, self._fresh, self.check_inputs)
     self.begin(key); self.check_inputs = check_inputs
