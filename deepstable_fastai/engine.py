@@ -80,6 +80,25 @@ def _compiled(model):
     return d is not None and any(isinstance(m, d.eval_frame.OptimizedModule) or
                                  getattr(m, '_compiled_call_impl', None) is not None for m in model.modules())
 
+_left = weakref.WeakKeyDictionary() # compiled model -> (dynamo's graph count, ids of the modules hooked) as hooks left
+def _ngraphs(): return torch._dynamo.utils.counters['stats']['unique_graphs']
+
+def _ran(model):
+    "May a compiled part of `model` have run? Dynamo keeps what it compiled on the code of the frame it entered"
+    from torch._dynamo.eval_frame import OptimizedModule, _debug_get_cache_entry_list as entries
+    fs = [m.forward if isinstance(m, OptimizedModule) else getattr(m, '_compiled_call_impl', None) for m in model.modules()]
+    fs = [getattr(f, '_torchdynamo_orig_callable', f) for f in fs if f is not None]
+    return any(not hasattr(f, '__code__') or entries(f.__code__) for f in fs) # unknown: say it may have
+
+def _retrace(model, mods):
+    "Reset torch's compile caches if `model` may run a graph traced without hooks on `mods`: dynamo would not notice them"
+    n,was = _ngraphs(),_left.get(model)
+    if was is not None and was[0]==n and {id(m) for m in mods}<=was[1] or not _ran(model): return
+    warnings.warn("deepstable_fastai: the compiled model may have run without these hooks, and torch.compile does not "
+                  "notice hooks added later (torch._dynamo.config.skip_nnmodule_hook_guards): torch.compiler.reset() "
+                  "clears its caches, so the next batch compiles again, with the hooks")
+    torch.compiler.reset()
+
 # %% ../nbs/02_engine.ipynb #8d2d25e3
 class StatsEngine:
     "Forward hooks computing `STATS` of each module's output on the device, shared by the callbacks of a `Learner`"
@@ -98,6 +117,7 @@ class StatsEngine:
         self.names,self.modules = [n for n,_ in named],[m for _,m in named]
         self.idx = {n:i for i,n in enumerate(self.names)}
         self._cm = _compiled(self.model) # its hooks are traced into its graph: see `_trace`
+        if self._cm: _retrace(self.model, self.modules)
         H = _TracedHook if self._cm else _Hook
         self.handles = [m.register_forward_hook(H(self, i)) for i,m in enumerate(self.modules)]
         self.handles.append(self.model.register_forward_hook(H(self, -1), always_call=True))
@@ -120,6 +140,7 @@ class StatsEngine:
         self._sets = list(ss or [frozenset(range(len(self)))])
     def remove(self):
         "Remove every hook"
+        if self.handles and self._cm: _left[self.model] = (_ngraphs(), {id(m) for m in self.modules})
         for h in self.handles: h.remove()
         self.handles = []; self._drop()
     def __len__(self): return len(self.names)

@@ -231,6 +231,33 @@ def test_compiled_model_one_graph():
     ea,eb = ([(e['train_iter'], e['kind'], e['layer']) for e in l.explosion_guard.events] for l in (a, b))
     assert ea==eb==[(2, 'nonfinite_act', 'input')], (ea, eb)
 
+def test_compiled_model_hooked_late():
+    "A compiled model that ran without the hooks (`lr_find`, a fit, a monitor of fewer modules) is traced again"
+    # dynamo does not notice hooks added to a module it compiled (torch._dynamo.config.skip_nnmodule_hook_guards)
+    import warnings
+    from torch._dynamo.utils import counters
+    from fastai.callback.schedule import Learner # adds `lr_find`
+    from deepstable_fastai.guard import ExplosionGuard
+    torch._dynamo.reset(); set_seed(0)
+    m = nn.Sequential(nn.Linear(64,32), nn.BatchNorm1d(32), nn.ReLU(inplace=True), nn.Linear(32,10))
+    learn = Learner(digits_dls(flat=True, bs=64), torch.compile(m), loss_func=F.cross_entropy)
+    def fit(*cbs, n=2):
+        with warnings.catch_warnings(record=True) as ws, learn.no_bar(), learn.no_logging():
+            warnings.simplefilter('always'); learn.fit(1, 1e-3, cbs=list(cbs)+[stop_after(n)])
+        return any('compiles again' in str(w.message) for w in ws)
+    def rows(mon): return torch.as_tensor(mon.values('std'))
+    with learn.no_bar(), learn.no_logging(): learn.lr_find(num_it=3, show_plot=False, suggest_funcs=())
+    mon,g = ActivationMonitor(),ExplosionGuard('skip', verbose=False)
+    assert fit(mon, g, nan_batch(2), n=3) # traced again: it records and guards
+    assert mon.k==3 and (rows(mon)[:2]>0).all(), rows(mon)
+    assert [(e['train_iter'], e['kind'], e['layer']) for e in g.events]==[(2, 'nonfinite_act', 'input')]
+    n = counters['stats']['unique_graphs']
+    assert not fit(mon:=ActivationMonitor()) and mon.k==2 # hooked as it was: the graph is kept
+    assert counters['stats']['unique_graphs']==n
+    assert not fit() # without the hooks: dynamo notices they left, and traces it again
+    assert fit(mon:=ActivationMonitor(modules=['0'])) and mon.k==2 and (rows(mon)>0).all()
+    assert fit(mon:=ActivationMonitor()) and mon.k==2 and (rows(mon)>0).all() # more modules than last time
+
 @pytest.mark.usefixtures('kernel')
 @pytest.mark.parametrize('modules', [['0', '2'], ['2', '0']])
 def test_some_modules_beside_guard(modules):
