@@ -11,9 +11,9 @@ Tables (markdown):
    against at the end of the forward pass (the default), in one process, interleaved, with the paired difference;
 5. (`--uploads`) arrays made from host data per training batch on the device path (on a GPU each is a copy the host
    waits for), with a batch size that changes every batch and with a frozen body, where the engine's tables change;
-6. (`--compiled`) a model given to `torch.compile`: dynamo frames, graphs and graph breaks, the first batch's seconds
-   (compiling) and the later batches' milliseconds, without callbacks, with the monitor (and histograms), the guard,
-   and the guard replaying two bad batches.
+6. (`--compiled`) a model given to `torch.compile`: dynamo frames, graphs, graph breaks and inductor kernels, the
+   first batch's seconds (compiling) and the later batches' milliseconds, without callbacks, with the monitor (and
+   histograms), the guard, and the guard replaying two bad batches.
 Run: OMP_NUM_THREADS=1 python bench/engine.py [--quick] [--defer] [--uploads] [--compiled]
 """
 import argparse, os, statistics, time, warnings
@@ -220,20 +220,21 @@ class Steps(Callback):
 def compiled_table(nb=10):
     "Frames, graphs and graph breaks dynamo makes of a compiled xresnet18 in a fit of `nb` batches, and its seconds"
     from torch._dynamo.utils import counters
-    import torch._inductor.config as ic
+    import torch._inductor.config as ic, torch._inductor.metrics as im
     ic.fx_graph_cache = False # each row compiles from scratch, not from the graphs of the rows before it
     cfgs = {'none': [], 'monitor': [ActivationMonitor()], 'monitor (with_hist)': [ActivationMonitor(with_hist=True)],
             "guard ('skip')": [ExplosionGuard('skip', verbose=False)],
             "guard ('skip'), 2 all-NaN batches": [ExplosionGuard('skip', verbose=False), NaNAt((3, 6))]}
-    print('| callbacks | dynamo frames | graphs | graph breaks | first batch s (compiling) | later batches ms (median) '
-          '| guard events |\n|---|---|---|---|---|---|---|')
+    print('| callbacks | dynamo frames | graphs | graph breaks | inductor kernels | first batch s (compiling) '
+          '| later batches ms (median) | guard events |\n|---|---|---|---|---|---|---|---|')
     for k,cbs in cfgs.items():
-        torch._dynamo.reset(); counters.clear()
+        torch._dynamo.reset(); counters.clear(); im.reset()
         learn = make('xresnet18'); learn.model = torch.compile(learn.model); st = Steps()
         with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=cbs+[st, CancelAfter(nb)])
         ev = [c.events for c in cbs if isinstance(c, ExplosionGuard)]
         print(f"| {k} | {counters['frames']['total']} | {counters['stats']['unique_graphs']} | "
-              f"{sum(counters['graph_break'].values())} | {st.t[0]:.1f} | {statistics.median(st.t[2:])*1e3:.0f} | "
+              f"{sum(counters['graph_break'].values())} | {im.generated_kernel_count} | {st.t[0]:.1f} | "
+              f"{statistics.median(st.t[2:])*1e3:.0f} | "
               f"{len(ev[0]) if ev else '-'} |", flush=True)
 
 if __name__=='__main__':

@@ -72,7 +72,7 @@ class _TracedHook(_Hook):
     "`_Hook` of a compiled model: traced into its graph as tensor ops (`_trace`), run as `_Hook` where it runs eagerly"
     def __call__(self, m, inp, out):
         if not torch.compiler.is_compiling(): return _Hook.__call__(self, m, inp, out) # e.g. a guard's eager replay
-        if self.i>=0 and self.e.active: self.e._trace(self.i, inp, out)
+        if self.e.active: self.e._trace(self.i, inp, out) if self.i>=0 else self.e._tput()
 
 def _compiled(model):
     "Is `model`, or a module in it, compiled with `torch.compile` or `nn.Module.compile`?"
@@ -121,7 +121,7 @@ class StatsEngine:
         H = _TracedHook if self._cm else _Hook
         self.handles = [m.register_forward_hook(H(self, i)) for i,m in enumerate(self.modules)]
         self.handles.append(self.model.register_forward_hook(H(self, -1), always_call=True))
-        self.raw = self.rhist = self.traw = self.thist = None; self._traced = False
+        self.raw = self.rhist = self.traw = self.thist = None; self._traced,self._tq = False,{}
         self._slots,self._meta,self._ids,self._nidx,self._defer,self._warned,self._tr = {},{},None,{},{},False,True
         self._ixs = {} # index and mask of a subset of `params` (those with gradients...), per subset: see `_index`
         self._users_changed()
@@ -368,7 +368,7 @@ def _sums(x, near_zero:float, eye, dt):
 
 @patch
 def _trace(self:StatsEngine, i, inp, out):
-    "`_hook` inside a compiled model's graph: tensor ops only, into `traw` (see `_fold`)"
+    "`_hook` inside a compiled model's graph: tensor ops only, summed into `_tq`, then `traw` (see `_tput`, `_fold`)"
     ts = _tensors(out)
     if not ts: return
     for t in ts: self._tacc(i, t)
@@ -377,17 +377,30 @@ def _trace(self:StatsEngine, i, inp, out):
 
 @patch
 def _tacc(self:StatsEngine, i, t):
-    "Add the sums of `t` to row `i` of `traw` (and its histogram to `thist`, for module rows, when asked)"
+    "Add the sums of `t` to row `i`'s in `_tq` (and its histogram to `thist`, for module rows, when asked)"
     if not t.numel(): return
     with torch.autocast(t.device.type, enabled=False):
         x = t.detach()
         if type(x) is not torch.Tensor: x = x.as_subclass(torch.Tensor)
-        r,b = self.traw[i],_sums(x, self.near_zero, self._eye, self.traw.dtype)
-        r.copy_(torch.where(self._amx, torch.maximum(r, b), r+b))
+        b,q = _sums(x, self.near_zero, self._eye, self.traw.dtype),self._tq
+        q[i] = self._plus(q[i], b) if i in q else b # a module that runs twice (a ReLU used twice in a block)
         if self.do_hist and i<len(self):
             h = self.thist[i:i+1]; x = x.reshape(1,-1)
             h.copy_(_add_hist(h, x, torch.zeros_like(x, dtype=torch.long), torch.ones_like(x, dtype=h.dtype),
                               *self.hist_range[:2]))
+
+@patch
+def _plus(self:StatsEngine, a, b):
+    "Raw sums `a` and `b` merged: added, but the largest magnitude (column 3)"
+    return torch.where(self._amx, torch.maximum(a, b), a+b)
+
+@patch
+def _tput(self:StatsEngine):
+    "Add the sums waiting in `_tq` into `traw`, every row at once: one kernel at the end of the forward pass"
+    if not (q:=self._tq): return
+    z = self.traw.new_zeros(8) # a row with no output adds nothing: zero sums, and 0 is no larger magnitude
+    b = torch.stack([q.get(r, z) for r in range(len(self.traw))]); q.clear()
+    self.traw.copy_(self._plus(self.traw, b))
 
 def _static(t):
     "`t`, which a compiled graph writes into: CUDA graphs (`mode='reduce-overhead'`) allow that at a fixed address only"
@@ -409,14 +422,14 @@ def _tbufs(self:StatsEngine):
 @patch
 def _tzero(self:StatsEngine):
     "Empty the compiled graph's buffers for the next batch"
-    self.traw.zero_(); self._traced = False
+    self.traw.zero_(); self._traced = False; self._tq.clear()
     if self.thist is not None: self.thist.zero_()
 
 @patch
 def _fold(self:StatsEngine):
     "Merge the sums a compiled graph left in `traw` (and `thist`) into the raw rows"
     if not self._traced: return
-    t = self.traw
+    self._tput(); t = self.traw # the sums of a forward pass whose end ran outside the graph are still waiting
     if self._fresh: self._zero(t.device)
     n = t[:,0]; m = t[:,1]/n.clamp_min(1)
     p = torch.cat([torch.stack([n, m, (t[:,2]-t[:,1]*m).clamp_min(0), t[:,3]], 1), t[:,4:]], 1)

@@ -231,6 +231,30 @@ def test_compiled_model_one_graph():
     ea,eb = ([(e['train_iter'], e['kind'], e['layer']) for e in l.explosion_guard.events] for l in (a, b))
     assert ea==eb==[(2, 'nonfinite_act', 'input')], (ea, eb)
 
+class Twice(nn.Module):
+    "A block that runs its ReLU twice, as torchvision's `BasicBlock` does"
+    def __init__(self): super().__init__(); self.l1,self.l2,self.relu = nn.Linear(8,8),nn.Linear(8,8),nn.ReLU()
+    def forward(self, x): return self.relu(self.l2(self.relu(self.l1(x))))
+
+@pytest.mark.parametrize('kind', ['part', 'twice'])
+def test_compiled_parts(kind):
+    "The engine's statistics of a model with a compiled part (its end runs eagerly), or a module run twice, as eager"
+    import copy
+    from deepstable_fastai.engine import StatsEngine
+    torch.manual_seed(0)
+    if kind=='part':
+        a = nn.Sequential(nn.Sequential(nn.Linear(8,16), nn.BatchNorm1d(16), nn.ReLU(inplace=True)), nn.Linear(16,4))
+        b = copy.deepcopy(a); b[0] = torch.compile(b[0])
+    else: a = nn.Sequential(Twice(), nn.Linear(8,4)); b = torch.compile(copy.deepcopy(a))
+    ea,eb = StatsEngine(a),StatsEngine(b)
+    try:
+        for k in range(3):
+            x = torch.randn(16,8); ea.begin(k, hist=True); a(x); eb.begin(k, hist=True); b(x)
+            torch.testing.assert_close(eb.stats(), ea.stats(), rtol=1e-4, atol=1e-5, equal_nan=True)
+            assert (eb.hists().sum(1)==ea.hists().sum(1)).all()
+        assert eb.order==ea.order
+    finally: ea.remove(); eb.remove()
+
 def test_compiled_model_hooked_late():
     "A compiled model that ran without the hooks (`lr_find`, a fit, a monitor of fewer modules) is traced again"
     # dynamo does not notice hooks added to a module it compiled (torch._dynamo.config.skip_nnmodule_hook_guards)
