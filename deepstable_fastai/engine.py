@@ -86,12 +86,13 @@ def _ngraphs(): return torch._dynamo.utils.counters['stats']['unique_graphs']
 def _ran(model):
     "May a compiled part of `model` have run? Dynamo keeps what it compiled on the code of the frame it entered"
     from torch._dynamo.eval_frame import OptimizedModule, _debug_get_cache_entry_list as entries
-    fs = [m.forward if isinstance(m, OptimizedModule) else getattr(m, '_compiled_call_impl', None) for m in model.modules()]
+    fs = [m.forward if isinstance(m, OptimizedModule) else getattr(m, '_compiled_call_impl', None)
+          for m in model.modules()]
     fs = [getattr(f, '_torchdynamo_orig_callable', f) for f in fs if f is not None]
     return any(not hasattr(f, '__code__') or entries(f.__code__) for f in fs) # unknown: say it may have
 
 def _retrace(model, mods):
-    "Reset torch's compile caches if `model` may run a graph traced without hooks on `mods`: dynamo would not notice them"
+    "Reset torch's compile caches if `model` may run a graph traced without hooks on `mods`: dynamo would miss them"
     n,was = _ngraphs(),_left.get(model)
     if was is not None and was[0]==n and {id(m) for m in mods}<=was[1] or not _ran(model): return
     warnings.warn("deepstable_fastai: the compiled model may have run without these hooks, and torch.compile does not "
@@ -140,8 +141,8 @@ class StatsEngine:
         self._sets = list(ss or [frozenset(range(len(self)))])
     def remove(self):
         "Remove every hook"
-        if self.handles and self._cm: _left[self.model] = (_ngraphs(), {id(m) for m in self.modules})
         for h in self.handles: h.remove()
+        if self.handles and self._cm: _left[self.model] = (_ngraphs(), {id(m) for m in self.modules})
         self.handles = []; self._drop()
     def __len__(self): return len(self.names)
     def __reduce__(self): return (_gone, ()) # an engine left on a pickled learner loads as nothing
@@ -377,7 +378,7 @@ def _trace(self:StatsEngine, i, inp, out):
 
 @patch
 def _tacc(self:StatsEngine, i, t):
-    "Add the sums of `t` to row `i`'s in `_tq` (and its histogram to `thist`, for module rows, when asked)"
+    "Add the sums of `t` to those waiting for row `i` in `_tq` (its histogram to `thist`, for module rows, if asked)"
     if not t.numel(): return
     with torch.autocast(t.device.type, enabled=False):
         x = t.detach()
