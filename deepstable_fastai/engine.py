@@ -72,7 +72,7 @@ class _TracedHook(_Hook):
     "`_Hook` of a compiled model: traced into its graph as tensor ops (`_trace`), run as `_Hook` where it runs eagerly"
     def __call__(self, m, inp, out):
         if not torch.compiler.is_compiling(): return _Hook.__call__(self, m, inp, out) # e.g. a guard's eager replay
-        if self.e.active: self.e._trace(self.i, inp, out) if self.i>=0 else self.e._tput()
+        if self.i>=0 and self.e.active: self.e._trace(self.i, inp, out)
 
 def _compiled(model):
     "Is `model`, or a module in it, compiled with `torch.compile` or `nn.Module.compile`?"
@@ -82,22 +82,25 @@ def _compiled(model):
 
 _left = weakref.WeakKeyDictionary() # compiled model -> (dynamo's graph count, ids of the modules hooked) as hooks left
 def _ngraphs(): return torch._dynamo.utils.counters['stats']['unique_graphs']
+def _bare(m): # the model inside DDP, which fastai and `BatchShardTrainer` wrap anew each fit
+    return _bare(m.module) if isinstance(m, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else m
 
 def _ran(model):
     "May a compiled part of `model` have run? Dynamo keeps what it compiled on the code of the frame it entered"
     from torch._dynamo.eval_frame import OptimizedModule, _debug_get_cache_entry_list as entries
     fs = [m.forward if isinstance(m, OptimizedModule) else getattr(m, '_compiled_call_impl', None)
           for m in model.modules()]
-    fs = [getattr(f, '_torchdynamo_orig_callable', f) for f in fs if f is not None]
+    fs = [getattr(f, '_torchdynamo_orig_callable', None) for f in fs if f is not None] # None: a lazy module...
     return any(not hasattr(f, '__code__') or entries(f.__code__) for f in fs) # unknown: say it may have
 
 def _retrace(model, mods):
     "Reset torch's compile caches if `model` may run a graph traced without hooks on `mods`: dynamo would miss them"
-    n,was = _ngraphs(),_left.get(model)
+    n,was = _ngraphs(),_left.get(_bare(model))
     if was is not None and was[0]==n and {id(m) for m in mods}<=was[1] or not _ran(model): return
     warnings.warn("deepstable_fastai: the compiled model may have run without these hooks, and torch.compile does not "
                   "notice hooks added later (torch._dynamo.config.skip_nnmodule_hook_guards): torch.compiler.reset() "
-                  "clears its caches, so the next batch compiles again, with the hooks")
+                  "clears every torch.compile cache of the process, so what ran compiled compiles again on its next "
+                  "call, the model with its hooks")
     torch.compiler.reset()
 
 # %% ../nbs/02_engine.ipynb #8d2d25e3
@@ -142,7 +145,7 @@ class StatsEngine:
     def remove(self):
         "Remove every hook"
         for h in self.handles: h.remove()
-        if self.handles and self._cm: _left[self.model] = (_ngraphs(), {id(m) for m in self.modules})
+        if self.handles and self._cm: _left[_bare(self.model)] = (_ngraphs(), {id(m) for m in self.modules})
         self.handles = []; self._drop()
     def __len__(self): return len(self.names)
     def __reduce__(self): return (_gone, ()) # an engine left on a pickled learner loads as nothing
@@ -397,7 +400,7 @@ def _plus(self:StatsEngine, a, b):
 
 @patch
 def _tput(self:StatsEngine):
-    "Add the sums waiting in `_tq` into `traw`, every row at once: one kernel at the end of the forward pass"
+    "Add the sums the graph left in `_tq` into `traw`, every row at once: a few ops, not one kernel per output"
     if not (q:=self._tq): return
     z = self.traw.new_zeros(8) # a row with no output adds nothing: zero sums, and 0 is no larger magnitude
     b = torch.stack([q.get(r, z) for r in range(len(self.traw))]); q.clear()
@@ -430,7 +433,7 @@ def _tzero(self:StatsEngine):
 def _fold(self:StatsEngine):
     "Merge the sums a compiled graph left in `traw` (and `thist`) into the raw rows"
     if not self._traced: return
-    self._tput(); t = self.traw # the sums of a forward pass whose end ran outside the graph are still waiting
+    self._tput(); t = self.traw
     if self._fresh: self._zero(t.device)
     n = t[:,0]; m = t[:,1]/n.clamp_min(1)
     p = torch.cat([torch.stack([n, m, (t[:,2]-t[:,1]*m).clamp_min(0), t[:,3]], 1), t[:,4:]], 1)
