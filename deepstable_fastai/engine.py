@@ -124,7 +124,9 @@ class StatsEngine:
         if self._cm: _retrace(self.model, self.modules)
         H = _TracedHook if self._cm else _Hook
         self.handles = [m.register_forward_hook(H(self, i)) for i,m in enumerate(self.modules)]
-        self.handles.append(self.model.register_forward_hook(H(self, -1), always_call=True))
+        # `always_call` (to let go of staged outputs when the forward pass raises: eager only) makes dynamo guard on
+        # the hook's id, where `nn.Module.compile` traces the model's own hooks: one more graph each fit
+        self.handles.append(self.model.register_forward_hook(H(self, -1), always_call=not self._cm))
         self.raw = self.rhist = self.traw = self.thist = None; self._traced,self._tq = False,{}
         self._slots,self._meta,self._ids,self._nidx,self._defer,self._warned,self._tr = {},{},None,{},{},False,True
         self._ixs = {} # index and mask of a subset of `params` (those with gradients...), per subset: see `_index`

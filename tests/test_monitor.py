@@ -257,6 +257,17 @@ def test_compiled_parts(kind):
         assert eb.order==ea.order
     finally: ea.remove(); eb.remove()
 
+def test_compiled_in_place_keeps_graph():
+    "A model compiled in place (`nn.Module.compile`, which traces its own hooks) keeps one graph over fits"
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset(); counters.clear(); set_seed(0)
+    m = nn.Sequential(nn.Linear(64,32), nn.ReLU(), nn.Linear(32,10)); m.compile()
+    learn = Learner(digits_dls(flat=True, bs=64), m, loss_func=F.cross_entropy)
+    for _ in range(3): # each fit a new monitor, so new hooks: dynamo once guarded on the id of one of them
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=[mon:=ActivationMonitor(), stop_after(2)])
+        assert mon.k==2
+    assert counters['stats']['unique_graphs']==1, dict(counters['stats'])
+
 def test_compiled_model_hooked_late():
     "A compiled model that ran without the hooks (`lr_find`, a fit, a monitor of fewer modules) is traced again"
     # dynamo does not notice hooks added to a module it compiled (torch._dynamo.config.skip_nnmodule_hook_guards)
