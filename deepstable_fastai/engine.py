@@ -127,7 +127,7 @@ class StatsEngine:
         # `always_call` (to let go of staged outputs when the forward pass raises: eager only) makes dynamo guard on
         # the hook's id, where `nn.Module.compile` traces the model's own hooks: one more graph each fit
         self.handles.append(self.model.register_forward_hook(H(self, -1), always_call=not self._cm))
-        self.raw = self.rhist = self.traw = self.thist = None; self._traced,self._tq = False,{}
+        self.raw = self.rhist = self._seg = self.thist = None; self._traced,self._tq = False,{}
         self._slots,self._meta,self._ids,self._nidx,self._defer,self._warned,self._tr = {},{},None,{},{},False,True
         self._ixs = {} # index and mask of a subset of `params` (those with gradients...), per subset: see `_index`
         self._users_changed()
@@ -374,7 +374,7 @@ def _sums(x, near_zero:float, eye, dt):
 
 @patch
 def _trace(self:StatsEngine, i, inp, out):
-    "`_hook` inside a compiled model's graph: tensor ops only, summed into `_tq`, then `traw` (see `_tput`, `_fold`)"
+    "`_hook` inside a compiled model's graph: tensor ops only, summed into `_tq` (see `_fold`)"
     ts = _tensors(out)
     if not ts: return
     for t in ts: self._tacc(i, t)
@@ -388,7 +388,7 @@ def _tacc(self:StatsEngine, i, t):
     with torch.autocast(t.device.type, enabled=False):
         x = t.detach()
         if type(x) is not torch.Tensor: x = x.as_subclass(torch.Tensor)
-        b,q = _sums(x, self.near_zero, self._eye, self.traw.dtype),self._tq
+        b,q = _sums(x, self.near_zero, self._eye, self._tdt),self._tq
         q[i] = self._plus(q[i], b) if i in q else b # a module that runs twice (a ReLU used twice in a block)
         if self.do_hist and i<len(self):
             h = self.thist[i:i+1]; x = x.reshape(1,-1)
@@ -400,42 +400,34 @@ def _plus(self:StatsEngine, a, b):
     "Raw sums `a` and `b` merged: added, but the largest magnitude (column 3)"
     return torch.where(self._amx, torch.maximum(a, b), a+b)
 
-@patch
-def _tput(self:StatsEngine):
-    "Add the sums the graph left in `_tq` into `traw`, every row at once: a few ops, not one kernel per output"
-    if not (q:=self._tq): return
-    z = self.traw.new_zeros(8) # a row with no output adds nothing: zero sums, and 0 is no larger magnitude
-    b = torch.stack([q.get(r, z) for r in range(len(self.traw))]); q.clear()
-    self.traw.copy_(self._plus(self.traw, b))
-
 def _static(t):
     "`t`, which a compiled graph writes into: CUDA graphs (`mode='reduce-overhead'`) allow that at a fixed address only"
     torch._dynamo.mark_static_address(t); return t
 
 @patch
 def _tbufs(self:StatsEngine):
-    "Make the buffers a compiled graph sums into, on the parameters' device, if they are missing or stale"
+    "Make what a compiled graph's hooks use, on the parameters' device, if it is missing or stale"
     dev = self.params[0].device if self.params else torch.device('cpu')
-    t,nb = self.traw,self.hist_range[2]+3
-    if t is None or t.device!=dev or t.shape[0]!=2*len(self):
-        dt = torch.float64 if dev.type in ('cpu','cuda') else torch.float32
-        self.traw,self._traced = _static(torch.zeros(2*len(self), 8, dtype=dt, device=dev)),False
+    s,nb = self._seg,self.hist_range[2]+3
+    if s is None or s.device!=dev or len(s)!=2*len(self):
+        self._tdt = torch.float64 if dev.type in ('cpu','cuda') else torch.float32 # the traced sums' dtype
         self._eye,self._amx = torch.eye(8, dtype=torch.bool, device=dev),torch.arange(8, device=dev)==3
-        self._seg,self.thist = torch.arange(2*len(self), device=dev),None
+        self._seg,self.thist,self._traced = torch.arange(2*len(self), device=dev),None,False; self._tq.clear()
     if self.do_hist and (self.thist is None or self.thist.shape[1]!=nb):
         self.thist = _static(torch.zeros(len(self), nb, dtype=torch.int32, device=dev))
 
 @patch
 def _tzero(self:StatsEngine):
     "Empty the compiled graph's buffers for the next batch"
-    self.traw.zero_(); self._traced = False; self._tq.clear()
+    self._traced = False; self._tq.clear()
     if self.thist is not None: self.thist.zero_()
 
 @patch
 def _fold(self:StatsEngine):
-    "Merge the sums a compiled graph left in `traw` (and `thist`) into the raw rows"
+    "Merge the sums a compiled graph left in `_tq` (and `thist`) into the raw rows, every row at once"
     if not self._traced: return
-    self._tput(); t = self.traw
+    z = self._eye.new_zeros(8, dtype=self._tdt) # a row with no output: zero sums, and 0 is no larger magnitude
+    t = torch.stack([self._tq.get(r, z) for r in range(len(self._seg))])
     if self._fresh: self._zero(t.device)
     n = t[:,0]; m = t[:,1]/n.clamp_min(1)
     p = torch.cat([torch.stack([n, m, (t[:,2]-t[:,1]*m).clamp_min(0), t[:,3]], 1), t[:,4:]], 1)
