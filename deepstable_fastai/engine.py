@@ -93,15 +93,19 @@ def _ran(model):
     fs = [getattr(f, '_torchdynamo_orig_callable', None) for f in fs if f is not None] # None: a lazy module...
     return any(not hasattr(f, '__code__') or entries(f.__code__) for f in fs) # unknown: say it may have
 
+def _stale(model, mods):
+    "May `model` run a graph traced without hooks on `mods`? Not if hooked so when ours left and nothing compiled since"
+    was = _left.get(_bare(model))
+    return not (was is not None and was[0]==_ngraphs() and {id(m) for m in mods}<=was[1]) and _ran(model)
+
 def _retrace(model, mods):
     "Reset torch's compile caches if `model` may run a graph traced without hooks on `mods`: dynamo would miss them"
-    n,was = _ngraphs(),_left.get(_bare(model))
-    if was is not None and was[0]==n and {id(m) for m in mods}<=was[1] or not _ran(model): return
+    if not _stale(model, mods): return
     warnings.warn("deepstable_fastai: the compiled model may have run without these hooks, and torch.compile does not "
                   "notice hooks added later (torch._dynamo.config.skip_nnmodule_hook_guards): torch.compiler.reset() "
                   "clears every torch.compile cache of the process, so what ran compiled compiles again on its next "
                   "call, the model with its hooks")
-    torch.compiler.reset()
+    torch.compiler.reset(); _left.clear() # dynamo's graph count starts again
 
 # %% ../nbs/02_engine.ipynb #8d2d25e3
 class StatsEngine:
@@ -147,8 +151,11 @@ class StatsEngine:
     def remove(self):
         "Remove every hook"
         for h in self.handles: h.remove()
-        if self.handles and self._cm: _left[_bare(self.model)] = (_ngraphs(), {id(m) for m in self.modules})
+        if self.handles and self._cm: self._leave()
         self.handles = []; self._drop()
+    def _leave(self): # what the graphs dynamo compiled so far were traced with: kept if it compiled nothing since
+        m,was = _bare(self.model),_left.get(_bare(self.model))
+        if was is None or was[0]!=_ngraphs(): _left[m] = (_ngraphs(), {id(o) for o in self.modules})
     def __len__(self): return len(self.names)
     def __reduce__(self): return (_gone, ()) # an engine left on a pickled learner loads as nothing
 
@@ -488,6 +495,12 @@ def acquire(cls:StatsEngine, learn, user, modules=None):
     e.users[id(user)] = tuple(n for n,_ in named)
     e._users_changed()
     return e
+
+@patch(cls_method=True)
+def hold(cls:StatsEngine, learn, user, modules=None):
+    "`acquire` for a loop of a compiled model (`lr_find`, `get_preds`, `validate`, a fit till it records)"
+    m = learn.model
+    if _compiled(m) and not _stale(m, [o for _,o in find_modules(m, modules)]): return cls.acquire(learn, user, modules)
 
 @patch
 def rows(self:StatsEngine, user, dev=None):

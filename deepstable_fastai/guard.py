@@ -82,7 +82,7 @@ class ExplosionGuard(Callback):
     # after fastai's MixedPrecision (order 10), written as a number: importing it adds ProgressCallback everywhere
     order,run_valid = 10.5,False
     __reduce_ex__ = pkg_reduce_ex # loading an export without this package says so
-    _stateattrs = ('_engine','_fit','_snaps','_base','_pend') # a fit's state: not pickled by `export`
+    _stateattrs = ('_engine','_held','_fit','_snaps','_base','_pend') # a fit's state: not pickled by `export`
     def __init__(self, action:str='skip', # What to do on an explosion: 'warn', 'skip', 'rollback' or 'stop'
                  act_factor:float=100., # A module output std above this times its running baseline is exploding
                  std_max:float=1e6, # Backstop: a module output std above this is exploding, whatever its baseline
@@ -112,14 +112,15 @@ class ExplosionGuard(Callback):
         self.bad_samples = [] # dataset indices of the samples blamed for non-finite batches (see `_blame`)
 
     def _init_state(self):
-        super()._init_state(); self._engine = self._fit = self._snaps = self._base = self._pend = None
+        super()._init_state(); self._engine = self._held = self._fit = self._snaps = self._base = self._pend = None
+        self._on = False
 
     @property
     def learn(self): return self.__dict__.get('_learn')
     @learn.setter
     def learn(self, v):
         # fastai sets `learn` to None when a callback is removed, also a per-call one whose fit raised
-        if v is None and self.__dict__.get('_engine') is not None: self.remove()
+        if v is None and any(self.__dict__.get(k) is not None for k in ('_engine','_held')): self.remove()
         self.__dict__['_learn'] = v
 
 # %% ../nbs/06_guard.ipynb #2a342f70
@@ -359,19 +360,22 @@ def remove(self:ExplosionGuard):
         lrn.opt.set_hypers(lr=f.saved_lr)
     if f is not None and f.drop is not None: _undrop(*f.drop[:2])
     if self._engine is not None: self._engine.release(lrn, self)
+    if self._held is not None: self._held.release(lrn, self); self._held = None
     self._engine = self._fit = self._snaps = self._base = self._pend = None
     self._nest = 0
 
 @patch
 def before_fit(self:ExplosionGuard):
     "Drop a stale fit's state; switch off inside `lr_find` and `get_preds`; leave a running fit alone in a nested call"
-    if self._engine is not None and not fit_running(self.learn): self.remove()
+    if (self._engine is not None or self._held is not None) and not fit_running(self.learn): self.remove()
     if self._engine is not None: self._nest += 1; return
-    self.run = training_fit(self.learn)
+    self._on = training_fit(self.learn) # not `self.run`, which would skip `after_fit`, where `_held` is released
+    self._held = StatsEngine.hold(self.learn, self, ddp_modules(self.learn.model, self.modules))
 
 @patch
 def before_train(self:ExplosionGuard):
     "On the first training epoch of a fit, hook the model and take the first snapshot"
+    if not self._on: return
     if self._nest: self.remove() # a new fit after one that raised while a nested call was open
     if self._engine is None: self._start()
 
@@ -379,7 +383,7 @@ def before_train(self:ExplosionGuard):
 @patch
 def _start(self:ExplosionGuard):
     lrn = self.learn
-    self._engine = StatsEngine.acquire(lrn, self, ddp_modules(lrn.model, self.modules))
+    self._engine,self._held = StatsEngine.acquire(lrn, self, ddp_modules(lrn.model, self.modules)),None # see `hold`
     self.events,self.lr_scale,self.stop_reason,self.skipped,self._flights,self.bad_samples = [],1.,None,[],[],[]
     dev = next(lrn.model.parameters()).device
     self._fit = _FitState(self, [(n,p) for n,p in lrn.model.named_parameters() if p.requires_grad])
@@ -405,7 +409,7 @@ def _modules_changed(self:ExplosionGuard):
 def after_fit(self:ExplosionGuard):
     "Never end a fit with non-finite weights: restore the last good snapshot if needed, then unhook"
     if self._nest: self._nest -= 1; return
-    if self._engine is None: return
+    if self._engine is None: return self.remove() # the engine `_held` through a loop that trained nothing
     ps = [*self.learn.model.parameters(), *(b for b in self.learn.model.buffers() if b.is_floating_point())]
     if ps and not torch.stack(torch._foreach_norm(ps, float('inf'))).isfinite().all().item(): # max |x| is finite?
         self._snaps.restore()

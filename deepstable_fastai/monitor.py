@@ -53,15 +53,16 @@ class ActivationMonitor(Callback):
         self.modules,self.names,self.buf,self.hbuf,self.pos = modules,[],None,None,None
         self.k,self.stride,self._off = 0,1,0
         self._engine,self._on,self._started,self._rec,self._upd = None,False,False,False,False
-        self._snap,self._g,self._nest,self._posn = None,None,0,None
+        self._snap,self._g,self._nest,self._posn,self._held = None,None,0,None,None
 
 # %% ../nbs/05_monitor.ipynb #a49d4595
 @patch
 def before_fit(self:ActivationMonitor):
     "Arm the monitor, unless this is `lr_find` or a prediction loop (or a loop nested in a running fit)"
-    if self._started and not fit_running(self.learn): self.remove() # left behind by a fit that raised
+    if (self._started or self._held is not None) and not fit_running(self.learn): self.remove() # a loop that raised
     if self._started: self._nest += 1; return
     self._on = training_fit(self.learn)
+    self._held = StatsEngine.hold(self.learn, self, ddp_modules(self.learn.model, self.modules)) # see `hold`
 
 @patch
 def before_train(self:ActivationMonitor):
@@ -72,6 +73,7 @@ def before_train(self:ActivationMonitor):
 @patch
 def _start(self:ActivationMonitor):
     e = self._engine = StatsEngine.acquire(self.learn, self, ddp_modules(self.learn.model, self.modules))
+    self._held = None # the engine held since `before_fit`, if any, is this one: the fit's now
     lo,hi = self.hist_range
     e.hist_range = (float(lo), float(hi), self.bins)
     dev = next(iter(e.params), None)
@@ -250,6 +252,7 @@ def nbytes(self:ActivationMonitor):
 def after_fit(self:ActivationMonitor):
     "Remove the hooks, bring the history to the host and, distributed, combine this fit's records across ranks"
     if self._nest: self._nest -= 1; return
+    if self._held is not None: self._held.release(self.learn, self); self._held = None
     if self._started: self._to_trackers()
     fitted = self._started # a training fit that ended normally or was cancelled: every rank is here
     if self._engine is not None: self._engine.release(self.learn, self)
@@ -267,7 +270,7 @@ def remove(self:ActivationMonitor):
 @patch
 def __getstate__(self:ActivationMonitor):
     "Pickle the settings; the history only with `keep_history`"
-    d = {**self.__dict__, '_engine':None, '_snap':None, '_g':None, '_nan':None, '_posn':None,
+    d = {**self.__dict__, '_engine':None, '_held':None, '_snap':None, '_g':None, '_nan':None, '_posn':None,
          '_started':False, '_rec':False, '_nest':0}
     if not self.keep_history: d.update(names=[], buf=None, hbuf=None, pos=None, k=0, stride=1, _off=0)
     return d
@@ -275,7 +278,7 @@ def __getstate__(self:ActivationMonitor):
 @patch
 def __setstate__(self:ActivationMonitor, d):
     "Unpickle; a monitor exported before a setting existed gets its default"
-    self.__dict__.update(update_sample=16384); Callback.__setstate__(self, d)
+    self.__dict__.update(update_sample=16384, _held=None); Callback.__setstate__(self, d)
 
 # %% ../nbs/05_monitor.ipynb #ec85fea0
 @patch

@@ -295,6 +295,33 @@ def test_compiled_model_hooked_late():
     assert fit(mon:=ActivationMonitor(modules=['0'])) and mon.k==2 and (rows(mon)>0).all()
     assert fit(mon:=ActivationMonitor()) and mon.k==2 and (rows(mon)>0).all() # more modules than last time
 
+def test_compiled_model_between_fits():
+    "`lr_find`, `get_preds` and `validate` around the fits of a compiled model: no reset, no new graph, every fit records"
+    # the callbacks hold the hooks, idle, through every loop (`StatsEngine.hold`): dynamo then reuses the fit's graphs
+    import warnings
+    from torch._dynamo.utils import counters
+    from fastai.callback.schedule import Learner # adds `lr_find`
+    from deepstable_fastai.guard import ExplosionGuard
+    torch._dynamo.reset(); set_seed(0)
+    m = nn.Sequential(nn.Linear(64,32), nn.BatchNorm1d(32), nn.ReLU(inplace=True), nn.Linear(32,10))
+    mon,g = ActivationMonitor(modules=['0']),ExplosionGuard('skip', verbose=False) # the guard hooks more modules
+    learn = Learner(digits_dls(flat=True, bs=64), torch.compile(m), loss_func=F.cross_entropy, cbs=[mon,g])
+    def run(f):
+        with warnings.catch_warnings(record=True) as ws, learn.no_bar(), learn.no_logging():
+            warnings.simplefilter('always'); f()
+        assert not any('compiles again' in str(w.message) for w in ws), [str(w.message) for w in ws]
+        assert n_hooks(learn.model)==0
+    def fit():
+        run(lambda: learn.fit(1, 1e-3, cbs=nan_batch(2)))
+        r = torch.as_tensor(mon.values('std'))
+        assert mon.k==len(learn.dls.train) and (r[:2]>0).all() and (r[3:]>0).all(), r
+        assert [(e['train_iter'], e['kind']) for e in g.events]==[(2, 'nonfinite_act')]
+    run(lambda: learn.lr_find(num_it=3, show_plot=False, suggest_funcs=()))
+    fit(); n = counters['stats']['unique_graphs']
+    for _ in range(2):
+        run(learn.get_preds); run(learn.validate); fit()
+    assert counters['stats']['unique_graphs']==n, (n, dict(counters['stats']))
+
 @pytest.mark.usefixtures('kernel')
 @pytest.mark.parametrize('modules', [['0', '2'], ['2', '0']])
 def test_some_modules_beside_guard(modules):
