@@ -13,8 +13,10 @@ Tables (markdown):
    waits for), with a batch size that changes every batch and with a frozen body, where the engine's tables change;
 6. (`--compiled`) a model given to `torch.compile`: dynamo frames, graphs, graph breaks and inductor kernels, the
    first batch's seconds (compiling) and the later batches' milliseconds, without callbacks, with the monitor (and
-   histograms), the guard, and the guard replaying two bad batches.
-Run: OMP_NUM_THREADS=1 python bench/engine.py [--quick] [--defer] [--uploads] [--compiled]
+   histograms), the guard, and the guard replaying two bad batches;
+7. (`--loops`) the same model with the monitor and the guard in its callbacks through `lr_find`, then fit, `get_preds`
+   and `validate` three times: each loop's seconds, the graphs it compiled, and whether it reset torch's compile caches.
+Run: OMP_NUM_THREADS=1 python bench/engine.py [--quick] [--defer] [--uploads] [--compiled] [--loops]
 """
 import argparse, os, statistics, time, warnings
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -237,13 +239,38 @@ def compiled_table(nb=10):
               f"{statistics.median(st.t[2:])*1e3:.0f} | "
               f"{len(ev[0]) if ev else '-'} |", flush=True)
 
+def loops_table(cycles=3, nb=2):
+    "Seconds, new graphs and resets of each fastai loop of a compiled xresnet18 with the monitor and guard in `cbs`"
+    from torch._dynamo.utils import counters
+    import torch._inductor.config as ic
+    from fastai.callback.schedule import Learner # `lr_find`
+    ic.fx_graph_cache = False
+    torch._dynamo.reset(); counters.clear()
+    learn = make('xresnet18'); learn.model = torch.compile(learn.model)
+    learn.add_cbs([ActivationMonitor(), ExplosionGuard('skip', verbose=False)])
+    steps = [('lr_find', lambda: learn.lr_find(num_it=nb, show_plot=False, suggest_funcs=()))]
+    steps += [('fit', lambda: learn.fit(1, 1e-3, cbs=CancelAfter(nb))), ('get_preds', learn.get_preds),
+              ('validate', learn.validate)]*cycles
+    print('| loop | seconds | graphs compiled | compile caches reset |\n|---|---|---|---|')
+    for k,f in steps:
+        n,t = counters['stats']['unique_graphs'],time.perf_counter()
+        with warnings.catch_warnings(record=True) as ws, learn.no_bar(), learn.no_logging():
+            warnings.simplefilter('always'); f()
+        r = any('compiles again' in str(w.message) for w in ws)
+        print(f"| {k} | {time.perf_counter()-t:.1f} | {counters['stats']['unique_graphs']-n} | {'yes' if r else 'no'} |",
+              flush=True)
+
 if __name__=='__main__':
     ap = argparse.ArgumentParser()
     ap.add_argument('--quick', action='store_true')
     ap.add_argument('--defer', action='store_true', help='only the table of the deferred copies')
     ap.add_argument('--uploads', action='store_true', help='only the table of arrays uploaded from the host')
     ap.add_argument('--compiled', action='store_true', help='only the table of a compiled model')
+    ap.add_argument('--loops', action='store_true', help='only the table of fastai loops around fits of a compiled model')
     a = ap.parse_args()
+    if a.loops:
+        print(f"torch {torch.__version__}, 1 thread, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
+        loops_table(); raise SystemExit
     if a.compiled:
         print(f"torch {torch.__version__}, 1 thread, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
         compiled_table(); raise SystemExit
