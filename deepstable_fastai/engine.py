@@ -15,6 +15,7 @@ from fastcore.basics import patch, listify
 from fastai.learner import Learner
 from .stats import act_types, compiled, kernel_path, _tensors, _kernels, _finish, ROW
 from .stats import _merge_rows, _add_hist, _INF
+from .distrib import ddp_modules
 
 # %% auto #0
 __all__ = ['find_modules', 'StatsEngine', 'batch_key', 'training_fit', 'fit_running', 'OpCounter']
@@ -105,13 +106,13 @@ def _retrace(model, mods):
                   "notice hooks added later (torch._dynamo.config.skip_nnmodule_hook_guards): torch.compiler.reset() "
                   "clears every torch.compile cache of the process, so what ran compiled compiles again on its next "
                   "call, the model with its hooks")
-    torch.compiler.reset(); _left.clear() # dynamo's graph count starts again
+    torch.compiler.reset()
 
 # %% ../nbs/02_engine.ipynb #8d2d25e3
 class StatsEngine:
     "Forward hooks computing `STATS` of each module's output on the device, shared by the callbacks of a `Learner`"
     def __init__(self, model, modules=None, near_zero:float=1e-2):
-        self.model,self.near_zero,self.handles,self.users = model,near_zero,[],{}
+        self.model,self.near_zero,self.handles,self.users,self._fin = model,near_zero,[],{},None
         self.check_inputs,self.key,self.active,self.hist_range = False,None,False,(-10.,10.,40)
         self.direct_min,self.stage_rows = 1<<17,1<<12 # outputs above 128K elements skip the 4M-element staging buffer
         self.raw = self.rhist = self.stage = self.path = None # `path`: None (automatic), 'cpp', 'staged' or 'direct'
@@ -154,8 +155,8 @@ class StatsEngine:
         if self.handles and self._cm: self._leave()
         self.handles = []; self._drop()
     def _leave(self): # what the graphs dynamo compiled so far were traced with: kept if it compiled nothing since
-        m,was = _bare(self.model),_left.get(_bare(self.model))
-        if was is None or was[0]!=_ngraphs(): _left[m] = (_ngraphs(), {id(o) for o in self.modules})
+        m,n = _bare(self.model),_ngraphs()
+        if _left.get(m, (None,))[0]!=n: _left[m] = (n, {id(o) for o in self.modules})
     def __len__(self): return len(self.names)
     def __reduce__(self): return (_gone, ()) # an engine left on a pickled learner loads as nothing
 
@@ -191,7 +192,7 @@ def batch_key(learn):
 
 # %% ../nbs/02_engine.ipynb #eac0d75c
 def training_fit(learn):
-    "False inside `lr_find` or a prediction loop (`get_preds`, `validate`), where `before_fit` fires too"
+    "False inside `lr_find`, `get_preds` or `predict`, where `before_fit` fires too (`validate` reaches no `before_train`)"
     return not hasattr(learn, 'lr_finder') and not hasattr(learn, 'gather_preds')
 
 _DO_FIT = Learner._do_fit.__code__
@@ -489,7 +490,7 @@ def acquire(cls:StatsEngine, learn, user, modules=None):
     if e is None or e.model is not learn.model:
         if e is not None: e.remove()
         e = learn.__dict__['_stats_engine'] = cls(learn.model, [m for _,m in named])
-        weakref.finalize(learn, e.remove)
+        e._fin = weakref.finalize(learn, e.remove) # detached by `release`: an engine a loop, none left alive
     new = [(n,m) for n,m in named if n not in e.idx]
     if new: e.set_modules(list(zip(e.names, e.modules))+new)
     e.users[id(user)] = tuple(n for n,_ in named)
@@ -498,9 +499,12 @@ def acquire(cls:StatsEngine, learn, user, modules=None):
 
 @patch(cls_method=True)
 def hold(cls:StatsEngine, learn, user, modules=None):
-    "`acquire` for a loop of a compiled model (`lr_find`, `get_preds`, `validate`, a fit till it records)"
+    "`acquire` for any loop of a compiled model, a fit until it records too; `None` where eager or maybe stale"
     m = learn.model
-    if _compiled(m) and not _stale(m, [o for _,o in find_modules(m, modules)]): return cls.acquire(learn, user, modules)
+    if not _compiled(m): return None
+    try: mods = [o for _,o in find_modules(m, modules)]
+    except ValueError: return None # bad `modules`: the fit says so, not a prediction loop
+    if not _stale(m, mods): return cls.acquire(learn, user, modules)
 
 @patch
 def rows(self:StatsEngine, user, dev=None):
@@ -524,7 +528,32 @@ def release(self:StatsEngine, learn, user):
     self.users.pop(id(user), None); self._users_changed()
     if not self.users:
         self.remove()
+        if self._fin is not None: self._fin.detach()
         if learn.__dict__.get('_stats_engine') is self: del learn.__dict__['_stats_engine']
+
+# %% ../nbs/02_engine.ipynb #b7e1c2a7
+class _Loops:
+    "Mixin for a `Callback` that uses the engine: nested and stale fastai loops, and the engine held through them"
+    _open,_nest,_on,_held = False,0,False,None # class defaults: also those of a callback pickled before them
+    @property
+    def learn(self): return self.__dict__.get('_learn')
+    @learn.setter
+    def learn(self, v):
+        # fastai sets `learn` to None when it removes a callback, also a per-call one whose loop raised
+        if v is None and self.__dict__.get('_open'): self.remove()
+        self.__dict__['_learn'] = v
+
+    def _enter(self):
+        "At `before_fit`: open a loop, or count one nested in this callback's running fit"
+        if self._open and not fit_running(self.learn): self.remove() # left open by a loop that raised
+        if self._open: self._nest += 1; return
+        self._open,self._on = True,training_fit(self.learn)
+        self._held = StatsEngine.hold(self.learn, self, ddp_modules(self.learn.model, self.modules))
+
+    def _exit(self):
+        "Close the loop: release the engine held since `_enter`, if the fit did not take it"
+        if self._held is not None: self._held.release(self.learn, self)
+        self._open,self._nest,self._held = False,0,None
 
 # %% ../nbs/02_engine.ipynb #976ccd72
 @patch

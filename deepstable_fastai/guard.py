@@ -16,7 +16,7 @@ from copy import deepcopy
 from types import MethodType
 from fastai.callback.core import Callback, CancelStepException, CancelFitException, CancelBatchException
 from .stats import STATS, act_types, compiled, kernel_path
-from .engine import training_fit, fit_running, StatsEngine, batch_key, _upload, _cache
+from .engine import StatsEngine, _Loops, batch_key, _upload, _cache
 from .distrib import gather_rows, strip_ddp, ddp_modules, is_dist, world
 from .trackers import log_event, pkg_reduce_ex
 
@@ -77,12 +77,12 @@ def _check_args(g):
         raise ValueError("`modules` is empty: pass None for the default selection")
 
 # %% ../nbs/06_guard.ipynb #4c04e810
-class ExplosionGuard(Callback):
+class ExplosionGuard(_Loops, Callback):
     "Check each training batch before its step; on trouble `action` is 'warn', 'skip', 'rollback' or 'stop'"
     # after fastai's MixedPrecision (order 10), written as a number: importing it adds ProgressCallback everywhere
     order,run_valid = 10.5,False
     __reduce_ex__ = pkg_reduce_ex # loading an export without this package says so
-    _stateattrs = ('_engine','_held','_fit','_snaps','_base','_pend') # a fit's state: not pickled by `export`
+    _stateattrs = ('_engine','_held','_open','_fit','_snaps','_base','_pend') # a loop's state: not pickled
     def __init__(self, action:str='skip', # What to do on an explosion: 'warn', 'skip', 'rollback' or 'stop'
                  act_factor:float=100., # A module output std above this times its running baseline is exploding
                  std_max:float=1e6, # Backstop: a module output std above this is exploding, whatever its baseline
@@ -108,20 +108,12 @@ class ExplosionGuard(Callback):
         store_attr()
         _check_args(self)
         self._init_state()
-        self.events,self.lr_scale,self.stop_reason,self.skipped,self._flights,self._nest = [],1.,None,[],[],0
+        self.events,self.lr_scale,self.stop_reason,self.skipped,self._flights = [],1.,None,[],[]
         self.bad_samples = [] # dataset indices of the samples blamed for non-finite batches (see `_blame`)
 
     def _init_state(self):
         super()._init_state(); self._engine = self._held = self._fit = self._snaps = self._base = self._pend = None
-        self._on = False
-
-    @property
-    def learn(self): return self.__dict__.get('_learn')
-    @learn.setter
-    def learn(self, v):
-        # fastai sets `learn` to None when a callback is removed, also a per-call one whose fit raised
-        if v is None and any(self.__dict__.get(k) is not None for k in ('_engine','_held')): self.remove()
-        self.__dict__['_learn'] = v
+        self._open = False
 
 # %% ../nbs/06_guard.ipynb #2a342f70
 def _copy_into(dst, src):
@@ -360,24 +352,18 @@ def remove(self:ExplosionGuard):
         lrn.opt.set_hypers(lr=f.saved_lr)
     if f is not None and f.drop is not None: _undrop(*f.drop[:2])
     if self._engine is not None: self._engine.release(lrn, self)
-    if self._held is not None: self._held.release(lrn, self); self._held = None
+    self._exit()
     self._engine = self._fit = self._snaps = self._base = self._pend = None
-    self._nest = 0
 
 @patch
 def before_fit(self:ExplosionGuard):
-    "Drop a stale fit's state; switch off inside `lr_find` and `get_preds`; leave a running fit alone in a nested call"
-    if (self._engine is not None or self._held is not None) and not fit_running(self.learn): self.remove()
-    if self._engine is not None: self._nest += 1; return
-    self._on = training_fit(self.learn) # not `self.run`, which would skip `after_fit`, where `_held` is released
-    self._held = StatsEngine.hold(self.learn, self, ddp_modules(self.learn.model, self.modules))
+    "Drop a stale loop's state; stay off in `lr_find` and `get_preds`; leave a running fit alone in a nested call"
+    self._enter() # see `_Loops`; not `self.run=False`, which would skip `after_fit`, where the loop is closed
 
 @patch
 def before_train(self:ExplosionGuard):
     "On the first training epoch of a fit, hook the model and take the first snapshot"
-    if not self._on: return
-    if self._nest: self.remove() # a new fit after one that raised while a nested call was open
-    if self._engine is None: self._start()
+    if self._on and self._engine is None: self._start()
 
 # %% ../nbs/06_guard.ipynb #6345d48c
 @patch

@@ -12,7 +12,7 @@ from fastcore.foundation import L
 from fastai.callback.core import Callback
 from fastai.torch_core import subplots
 from .stats import STATS
-from .engine import training_fit, fit_running, StatsEngine, batch_key
+from .engine import StatsEngine, _Loops, batch_key
 from .distrib import strip_ddp, ddp_modules, is_dist, same_on_ranks, all_reduce_stats, all_reduce_sum
 from .trackers import trackers, log_records, pkg_reduce_ex
 
@@ -24,7 +24,7 @@ GRAD_STATS = ('grad_norm','weight_norm','update_ratio')
 MONITOR_STATS = STATS + GRAD_STATS
 
 # %% ../nbs/05_monitor.ipynb #e3f8c555
-class ActivationMonitor(Callback):
+class ActivationMonitor(_Loops, Callback):
     "Record per-layer activation and gradient statistics of training batches on the device, in bounded memory"
     order,__reduce_ex__ = -5,pkg_reduce_ex # loading an export without this package says so
     def __init__(self,
@@ -53,16 +53,13 @@ class ActivationMonitor(Callback):
         self.modules,self.names,self.buf,self.hbuf,self.pos = modules,[],None,None,None
         self.k,self.stride,self._off = 0,1,0
         self._engine,self._on,self._started,self._rec,self._upd = None,False,False,False,False
-        self._snap,self._g,self._nest,self._posn,self._held = None,None,0,None,None
+        self._snap,self._g,self._posn = None,None,None
 
 # %% ../nbs/05_monitor.ipynb #a49d4595
 @patch
 def before_fit(self:ActivationMonitor):
     "Arm the monitor, unless this is `lr_find` or a prediction loop (or a loop nested in a running fit)"
-    if (self._started or self._held is not None) and not fit_running(self.learn): self.remove() # a loop that raised
-    if self._started: self._nest += 1; return
-    self._on = training_fit(self.learn)
-    self._held = StatsEngine.hold(self.learn, self, ddp_modules(self.learn.model, self.modules)) # see `hold`
+    self._enter() # see `_Loops`
 
 @patch
 def before_train(self:ActivationMonitor):
@@ -252,10 +249,10 @@ def nbytes(self:ActivationMonitor):
 def after_fit(self:ActivationMonitor):
     "Remove the hooks, bring the history to the host and, distributed, combine this fit's records across ranks"
     if self._nest: self._nest -= 1; return
-    if self._held is not None: self._held.release(self.learn, self); self._held = None
     if self._started: self._to_trackers()
     fitted = self._started # a training fit that ended normally or was cancelled: every rank is here
     if self._engine is not None: self._engine.release(self.learn, self)
+    self._exit()
     self._engine,self._snap,self._g,self._nan = (None,)*4
     self._started,self._rec,self._posn = False,False,None
     if self.buf is not None: self.buf = self.buf.cpu()
@@ -270,15 +267,15 @@ def remove(self:ActivationMonitor):
 @patch
 def __getstate__(self:ActivationMonitor):
     "Pickle the settings; the history only with `keep_history`"
-    d = {**self.__dict__, '_engine':None, '_held':None, '_snap':None, '_g':None, '_nan':None, '_posn':None,
-         '_started':False, '_rec':False, '_nest':0}
+    d = {**self.__dict__, '_engine':None, '_held':None, '_open':False, '_snap':None, '_g':None, '_nan':None,
+         '_posn':None, '_started':False, '_rec':False, '_nest':0}
     if not self.keep_history: d.update(names=[], buf=None, hbuf=None, pos=None, k=0, stride=1, _off=0)
     return d
 
 @patch
 def __setstate__(self:ActivationMonitor, d):
     "Unpickle; a monitor exported before a setting existed gets its default"
-    self.__dict__.update(update_sample=16384, _held=None); Callback.__setstate__(self, d)
+    self.__dict__.update(update_sample=16384); Callback.__setstate__(self, d)
 
 # %% ../nbs/05_monitor.ipynb #ec85fea0
 @patch

@@ -322,6 +322,54 @@ def test_compiled_model_between_fits():
         run(learn.get_preds); run(learn.validate); fit()
     assert counters['stats']['unique_graphs']==n, (n, dict(counters['stats']))
 
+class PredsFirst(Callback):
+    "Calls `get_preds` in the first `before_epoch` of a fit: a loop nested before any `before_train`"
+    def before_epoch(self):
+        if self.epoch==0 and not hasattr(self.learn, 'gather_preds'): self.learn.get_preds()
+
+@pytest.mark.parametrize('compiled', [False, True])
+def test_loop_nested_before_train(compiled):
+    "A `get_preds` nested in a fit before its first `before_train` leaves the monitor and the guard on for the fit"
+    from deepstable_fastai.guard import ExplosionGuard
+    torch._dynamo.reset(); set_seed(0)
+    m = nn.Sequential(nn.Linear(64,32), nn.BatchNorm1d(32), nn.ReLU(inplace=True), nn.Linear(32,10))
+    learn = Learner(digits_dls(flat=True, bs=64), torch.compile(m) if compiled else m, loss_func=F.cross_entropy)
+    mon,g = ActivationMonitor(),ExplosionGuard('skip', verbose=False)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=[mon, g, PredsFirst(), nan_batch(2), stop_after(3)])
+    assert mon.k==3 and [(e['train_iter'], e['kind']) for e in g.events]==[(2, 'nonfinite_act')]
+    assert n_hooks(learn.model)==0 and '_stats_engine' not in learn.__dict__
+
+def test_no_engine_left_alive():
+    "Each fit, and each loop of a compiled model, makes an engine: none stays alive once its loop ended"
+    import gc
+    from deepstable_fastai.engine import StatsEngine
+    from deepstable_fastai.guard import ExplosionGuard
+    def alive(): gc.collect(); return sum(isinstance(o, StatsEngine) for o in gc.get_objects())
+    n = alive()
+    for compiled in (False, True):
+        torch._dynamo.reset(); set_seed(0)
+        m = nn.Sequential(nn.Linear(64,32), nn.ReLU(), nn.Linear(32,10))
+        learn = Learner(digits_dls(flat=True, bs=64), torch.compile(m) if compiled else m, loss_func=F.cross_entropy,
+                        cbs=[ActivationMonitor(), ExplosionGuard('skip', verbose=False)])
+        with learn.no_bar(), learn.no_logging():
+            for _ in range(3): learn.fit(1, 1e-3, cbs=stop_after(2)); learn.get_preds()
+        assert alive()==n, (compiled, alive(), n) # the learner lives on: its finalizers held every engine before
+
+class Raise(Callback):
+    def before_epoch(self): raise RuntimeError('boom')
+
+def test_per_call_callbacks_of_a_loop_that_raised():
+    "Per-call callbacks of a fit that raised before training, on a compiled model: their idle hooks leave with them"
+    from deepstable_fastai.guard import ExplosionGuard
+    torch._dynamo.reset(); set_seed(0)
+    m = nn.Sequential(nn.Linear(64,32), nn.ReLU(), nn.Linear(32,10))
+    learn = Learner(digits_dls(flat=True, bs=64), torch.compile(m), loss_func=F.cross_entropy)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=[ActivationMonitor(), stop_after(2)]) # as a fit leaves it
+    for cb in (ActivationMonitor(), ExplosionGuard('skip', verbose=False)):
+        with pytest.raises(RuntimeError), learn.no_bar(), learn.no_logging():
+            learn.fit(1, 1e-3, cbs=[cb, Raise()])
+        assert n_hooks(learn.model)==0 and '_stats_engine' not in learn.__dict__, type(cb).__name__
+
 @pytest.mark.usefixtures('kernel')
 @pytest.mark.parametrize('modules', [['0', '2'], ['2', '0']])
 def test_some_modules_beside_guard(modules):
