@@ -487,8 +487,8 @@ def acquire(cls:StatsEngine, learn, user, modules=None):
     "The shared engine of `learn`, hooking `modules` (default selection if `None`) for `user`"
     named = find_modules(learn.model, modules)
     e = learn.__dict__.get('_stats_engine')
-    if e is None or e.model is not learn.model:
-        if e is not None: e.remove()
+    if e is None or e.model is not learn.model: # a new model, or one wrapped since (fastai's `DistributedTrainer`)
+        if e is not None: e._close()
         e = learn.__dict__['_stats_engine'] = cls(learn.model, [m for _,m in named])
         e._fin = weakref.finalize(learn, e.remove) # detached by `release`: an engine a loop, none left alive
     new = [(n,m) for n,m in named if n not in e.idx]
@@ -527,9 +527,14 @@ def release(self:StatsEngine, learn, user):
     "Drop `user`; the last one out removes every hook"
     self.users.pop(id(user), None); self._users_changed()
     if not self.users:
-        self.remove()
-        if self._fin is not None: self._fin.detach()
+        self._close()
         if learn.__dict__.get('_stats_engine') is self: del learn.__dict__['_stats_engine']
+
+@patch
+def _close(self:StatsEngine):
+    "Remove every hook, and let the learner's finalizer go: nothing keeps the engine alive"
+    self.remove()
+    if self._fin is not None: self._fin.detach()
 
 # %% ../nbs/02_engine.ipynb #b7e1c2a7
 class _Loops:
@@ -539,15 +544,16 @@ class _Loops:
     def learn(self): return self.__dict__.get('_learn')
     @learn.setter
     def learn(self, v):
-        # fastai sets `learn` to None when it removes a callback, also a per-call one whose loop raised
-        if v is None and self.__dict__.get('_open'): self.remove()
+        # fastai sets `learn` to None when it removes a callback, also a per-call one whose loop raised; but
+        # `removed_cbs` in a running fit (`FetchPredsCallback`) puts it back: its fit goes on
+        if v is None and self.__dict__.get('_open') and not fit_running(self.learn): self.remove()
         self.__dict__['_learn'] = v
 
     def _enter(self):
         "At `before_fit`: open a loop, or count one nested in this callback's running fit"
         if self._open and not fit_running(self.learn): self.remove() # left open by a loop that raised
         if self._open: self._nest += 1; return
-        self._open,self._on = True,training_fit(self.learn)
+        self._open,self._on,self._nest = True,training_fit(self.learn),0
         self._held = StatsEngine.hold(self.learn, self, ddp_modules(self.learn.model, self.modules))
 
     def _exit(self):

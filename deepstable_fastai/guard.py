@@ -82,7 +82,7 @@ class ExplosionGuard(_Loops, Callback):
     # after fastai's MixedPrecision (order 10), written as a number: importing it adds ProgressCallback everywhere
     order,run_valid = 10.5,False
     __reduce_ex__ = pkg_reduce_ex # loading an export without this package says so
-    _stateattrs = ('_engine','_held','_open','_fit','_snaps','_base','_pend') # a loop's state: not pickled
+    _stateattrs = ('_engine','_held','_open','_nest','_on','_fit','_snaps','_base','_pend') # a loop's: not pickled
     def __init__(self, action:str='skip', # What to do on an explosion: 'warn', 'skip', 'rollback' or 'stop'
                  act_factor:float=100., # A module output std above this times its running baseline is exploding
                  std_max:float=1e6, # Backstop: a module output std above this is exploding, whatever its baseline

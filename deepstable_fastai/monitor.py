@@ -275,6 +275,8 @@ def __getstate__(self:ActivationMonitor):
 @patch
 def __setstate__(self:ActivationMonitor, d):
     "Unpickle; a monitor exported before a setting existed gets its default"
+    d = dict(d)
+    if 'learn' in d: d['_learn'] = d.pop('learn') # exported before `_Loops` kept it as `_learn`
     self.__dict__.update(update_sample=16384); Callback.__setstate__(self, d)
 
 # %% ../nbs/05_monitor.ipynb #ec85fea0
