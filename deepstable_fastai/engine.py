@@ -192,7 +192,7 @@ def batch_key(learn):
 
 # %% ../nbs/02_engine.ipynb #eac0d75c
 def training_fit(learn):
-    "False inside `lr_find`, `get_preds` or `predict`, where `before_fit` fires too (`validate` reaches no `before_train`)"
+    "False in `lr_find`, `get_preds` or `predict`, where `before_fit` fires too (`validate` reaches no `before_train`)"
     return not hasattr(learn, 'lr_finder') and not hasattr(learn, 'gather_preds')
 
 _DO_FIT = Learner._do_fit.__code__
@@ -397,16 +397,12 @@ def _tacc(self:StatsEngine, i, t):
         x = t.detach()
         if type(x) is not torch.Tensor: x = x.as_subclass(torch.Tensor)
         b,q = _sums(x, self.near_zero, self._eye, self._tdt),self._tq
-        q[i] = self._plus(q[i], b) if i in q else b # a module that runs twice (a ReLU used twice in a block)
+        if i in q: b = torch.where(self._amx, torch.maximum(q[i], b), q[i]+b) # run twice: added, but the absmax
+        q[i] = b
         if self.do_hist and i<len(self):
             h = self.thist[i:i+1]; x = x.reshape(1,-1)
             h.copy_(_add_hist(h, x, torch.zeros_like(x, dtype=torch.long), torch.ones_like(x, dtype=h.dtype),
                               *self.hist_range[:2]))
-
-@patch
-def _plus(self:StatsEngine, a, b):
-    "Raw sums `a` and `b` merged: added, but the largest magnitude (column 3)"
-    return torch.where(self._amx, torch.maximum(a, b), a+b)
 
 def _static(t):
     "`t`, which a compiled graph writes into: CUDA graphs (`mode='reduce-overhead'`) allow that at a fixed address only"

@@ -112,8 +112,7 @@ class ExplosionGuard(_Loops, Callback):
         self.bad_samples = [] # dataset indices of the samples blamed for non-finite batches (see `_blame`)
 
     def _init_state(self):
-        super()._init_state(); self._engine = self._held = self._fit = self._snaps = self._base = self._pend = None
-        self._open = False
+        super()._init_state(); self._engine = self._fit = self._snaps = self._base = self._pend = None
 
 # %% ../nbs/06_guard.ipynb #2a342f70
 def _copy_into(dst, src):

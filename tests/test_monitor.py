@@ -296,7 +296,7 @@ def test_compiled_model_hooked_late():
     assert fit(mon:=ActivationMonitor()) and mon.k==2 and (rows(mon)>0).all() # more modules than last time
 
 def test_compiled_model_between_fits():
-    "`lr_find`, `get_preds` and `validate` around the fits of a compiled model: no reset, no new graph, every fit records"
+    "`lr_find`, `get_preds`, `validate` around the fits of a compiled model: no reset, no new graph, each fit records"
     # the callbacks hold the hooks, idle, through every loop (`StatsEngine.hold`): dynamo then reuses the fit's graphs
     import warnings
     from torch._dynamo.utils import counters
@@ -364,7 +364,8 @@ def test_per_call_callbacks_of_a_loop_that_raised():
     torch._dynamo.reset(); set_seed(0)
     m = nn.Sequential(nn.Linear(64,32), nn.ReLU(), nn.Linear(32,10))
     learn = Learner(digits_dls(flat=True, bs=64), torch.compile(m), loss_func=F.cross_entropy)
-    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=[ActivationMonitor(), stop_after(2)]) # as a fit leaves it
+    with learn.no_bar(), learn.no_logging(): # hooked and unhooked as a fit leaves it
+        learn.fit(1, 1e-3, cbs=[ActivationMonitor(), stop_after(2)])
     for cb in (ActivationMonitor(), ExplosionGuard('skip', verbose=False)):
         with pytest.raises(RuntimeError), learn.no_bar(), learn.no_logging():
             learn.fit(1, 1e-3, cbs=[cb, Raise()])
