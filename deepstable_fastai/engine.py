@@ -6,7 +6,7 @@ Docs: https://deepstable.github.io/deepstable-fastai/engine.html.md"""
 
 # %% ../nbs/02_engine.ipynb #66426837
 from __future__ import annotations
-import sys, weakref, warnings
+import numbers, sys, weakref, warnings
 import torch, torch.nn as nn
 from contextlib import contextmanager
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -196,11 +196,11 @@ def training_fit(learn):
     return not hasattr(learn, 'lr_finder') and not hasattr(learn, 'gather_preds')
 
 _DO_FIT = Learner._do_fit.__code__
-def fit_running(learn):
-    "True while `learn.fit` of this learner is on the call stack"
+def fit_running(learn, code=_DO_FIT):
+    "True while `learn.fit`'s epochs of this learner (or the `Learner` method of `code`) are on the call stack"
     f = sys._getframe(1)
     while f is not None:
-        if f.f_code is _DO_FIT and f.f_locals.get('self') is learn: return True
+        if f.f_code is code and f.f_locals.get('self') is learn: return True
         f = f.f_back
     return False
 
@@ -556,6 +556,17 @@ class _Loops:
         "Close the loop: release the engine held since `_enter`, if the fit did not take it"
         if self._held is not None: self._held.release(self.learn, self)
         self._open,self._nest,self._held = False,0,None
+
+# %% ../nbs/02_engine.ipynb #5c1f0a24
+def _positive_int(n, v, none=False):
+    "Raise a `ValueError` naming argument `n` unless `v` is an int >= 1 (or `None`, if `none`)"
+    if (v is None and none) or (isinstance(v, numbers.Integral) and not isinstance(v, bool) and v>=1): return
+    raise ValueError(f"`{n}` must be a positive int{' or None' if none else ''}, got {v!r}")
+
+def _number(n, v, ok, what):
+    "Raise a `ValueError` naming argument `n` unless `v` is a real number (not a bool, not NaN) for which `ok(v)` holds"
+    if isinstance(v, numbers.Real) and not isinstance(v, bool) and ok(v): return
+    raise ValueError(f"`{n}` must be {what}, got {v!r}")
 
 # %% ../nbs/02_engine.ipynb #976ccd72
 @patch

@@ -6,7 +6,7 @@ Docs: https://deepstable.github.io/deepstable-fastai/guard.html.md"""
 
 # %% ../nbs/06_guard.ipynb #7e0b0ca3
 from __future__ import annotations
-import math, sys, warnings, torch, pandas as pd
+import math, numbers, sys, warnings, torch, pandas as pd
 from contextlib import nullcontext
 from functools import partial
 from typing import NamedTuple
@@ -14,9 +14,10 @@ from collections import deque
 from fastcore.basics import patch, store_attr, ifnone, listify, first
 from copy import deepcopy
 from types import MethodType
+from fastai.learner import Learner
 from fastai.callback.core import Callback, CancelStepException, CancelFitException, CancelBatchException
 from .stats import STATS, act_types, compiled, kernel_path
-from .engine import StatsEngine, _Loops, batch_key, _upload, _cache
+from .engine import StatsEngine, _Loops, batch_key, fit_running, _upload, _cache, _positive_int, _number
 from .distrib import gather_rows, strip_ddp, ddp_modules, is_dist, world
 from .trackers import log_event, pkg_reduce_ex
 
@@ -49,30 +50,26 @@ def _rows(vs, kinds):
     return {k:Row(*v[:6], v[6] if len(v)>6 else None) for k,v in zip(kinds, vs)}
 
 # %% ../nbs/06_guard.ipynb #0bc252d7
-def _positive_int(n, v, none=False):
-    if (v is None and none) or (isinstance(v, int) and v>=1): return
-    raise ValueError(f"`{n}` must be a positive int{' or None' if none else ''}, got {v!r}")
+def _int(v): return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 def _check_args(g):
     "Raise a `ValueError` naming the first bad argument of guard `g`"
     if g.action not in ACTIONS: raise ValueError(f"`action` must be one of {ACTIONS}, got {g.action!r}")
-    for n in ('std_max','absmax_max','loss_z'):
-        v = getattr(g, n)
-        if not isinstance(v,(int,float)) or not v>0: raise ValueError(f"`{n}` must be a positive number, got {v!r}")
-    for n in ('act_factor','grad_factor'):
-        if not getattr(g, n)>1: raise ValueError(f"`{n}` must be > 1, got {getattr(g, n)!r}")
-    for n in ('std_min','dead_max'):
-        if not 0<getattr(g, n)<=1: raise ValueError(f"`{n}` must be in (0,1], got {getattr(g, n)!r}")
+    for n in ('std_max','absmax_max','loss_z'): _number(n, getattr(g, n), lambda v: v>0, 'a positive number')
+    for n in ('act_factor','grad_factor'): _number(n, getattr(g, n), lambda v: v>1, 'a number > 1')
+    for n in ('std_min','dead_max'): _number(n, getattr(g, n), lambda v: 0<v<=1, 'a number in (0,1]')
     for n in ('patience','grad_window','act_every','max_skips','flight_batches'): _positive_int(n, getattr(g, n))
     _positive_int('snapshot_every', g.snapshot_every, none=True)
-    if not isinstance(g.grad_warmup,int) or not 1<=g.grad_warmup<=g.grad_window:
+    if not _int(g.grad_warmup) or not 1<=g.grad_warmup<=g.grad_window:
         raise ValueError(f"`grad_warmup` must be an int in [1, `grad_window`], got {g.grad_warmup!r}")
-    if not 0<g.lr_backoff<1: raise ValueError(f"`lr_backoff` must be in (0,1), got {g.lr_backoff!r}")
+    _number('lr_backoff', g.lr_backoff, lambda v: 0<v<1, 'a number in (0,1)')
     for n in ('retries','lr_recover','skip_batches'):
         v = getattr(g, n)
-        if not isinstance(v,int) or v<0: raise ValueError(f"`{n}` must be a non-negative int, got {v!r}")
+        if not _int(v) or v<0: raise ValueError(f"`{n}` must be a non-negative int, got {v!r}")
     if not isinstance(g.drop_bad_samples, bool):
         raise ValueError(f"`drop_bad_samples` must be a bool, got {g.drop_bad_samples!r}")
+    if g.verbose not in (True, False) or not isinstance(g.verbose, numbers.Integral): # 0 and 1 too
+        raise ValueError(f"`verbose` must be a bool, got {g.verbose!r}")
     if g.modules is not None and len(listify(g.modules))==0:
         raise ValueError("`modules` is empty: pass None for the default selection")
 
@@ -343,6 +340,8 @@ _GK = dict(fwd=compiled(_fwd_math), loss=compiled(_loss_math), bwd=compiled(_bwd
            lossb=compiled(_loss_base), act=compiled(_act_base))
 
 # %% ../nbs/06_guard.ipynb #6cb63f99
+_FIT = Learner.fit.__code__
+
 @patch
 def remove(self:ExplosionGuard):
     "Drop the guard's hooks and the state of its fit (snapshots, baselines); `events` stay"
@@ -357,6 +356,9 @@ def remove(self:ExplosionGuard):
 @patch
 def before_fit(self:ExplosionGuard):
     "Drop a stale loop's state; stay off in `lr_find` and `get_preds`; leave a running fit alone in a nested call"
+    lrn = self.learn
+    if self._open and self._fit is not None and not fit_running(lrn) and fit_running(lrn, _FIT):
+        self._fit.saved_lr = None # a loop that raised backed off the lr, and this `fit` has just set its own
     self._enter() # see `_Loops`; not `self.run=False`, which would skip `after_fit`, where the loop is closed
 
 @patch
@@ -441,6 +443,7 @@ def _flight_now(self:ExplosionGuard):
 def flight(self:ExplosionGuard, ev=-1 # An event of `events`, or its index
           ) -> pd.DataFrame: # One row per batch and module: `train_iter`, `module`, `STATS`, `in_bad`
     "The per-module statistics of the batches up to event `ev`, the bad batch last"
+    if not self.events: raise ValueError("`ev`: the guard has no event recorded yet")
     i = ev if isinstance(ev, int) else next(j for j,e in enumerate(self.events) if e is ev)
     cols = ['train_iter','module',*STATS,'in_bad']
     fl = self._flights[i]
@@ -550,6 +553,7 @@ def _act_on(self:ExplosionGuard, R):
         if not f.backed: self.lr_scale *= self.lr_backoff; f.backed = True
         raise CancelStepException()
     self.stop_reason = self.events[-1]['message']
+    self.learn.opt.zero_grad() # fastai skips it for a fit cancelled before the step: the next fit would step on them
     raise CancelFitException()
 
 # %% ../nbs/06_guard.ipynb #6649aff4
@@ -612,6 +616,13 @@ def _leaf_row(rec, dev):
                       ib.any().float().view(1), _at(li, q), q.float()])
 
 # %% ../nbs/06_guard.ipynb #0b02621c
+def _loss(lrn, out, yb):
+    "Loss of a replayed model output `out` as the fit takes it (of a tuple, the tensor shaped as `pred`: `RNNCallback`)"
+    p = lrn.pred
+    if isinstance(out, (tuple,list)) and isinstance(p, torch.Tensor):
+        out = next((o for o in out if isinstance(o, torch.Tensor) and o.shape[1:]==p.shape[1:]), out)
+    return lrn.loss_func(out, *yb)
+
 @patch
 def _replay(self:ExplosionGuard):
     "Replay this batch's forward pass: its forward rows, the leaf row, the names and run order of the leaves"
@@ -622,7 +633,9 @@ def _replay(self:ExplosionGuard):
     rng = torch.random.fork_rng(devices=[dev] if dev.type=='cuda' else [])
     with rng, _eager(), e.aside(('replay', lrn.train_iter, id(lrn.xb))):
         try:
-            with torch.no_grad(): loss = lrn.loss_func(m(*lrn.xb), *lrn.yb)
+            with torch.no_grad(): out = m(*lrn.xb)
+            try: loss = _loss(lrn, out, lrn.yb)
+            except (RuntimeError, ValueError, IndexError, TypeError, AttributeError): loss = lrn.loss # `pred` reshaped
             rows = self._fwd_checks(loss, count=False)[0]
         finally:
             for h in hs: h.remove()
@@ -716,8 +729,8 @@ def _blame(self:ExplosionGuard):
             with torch.no_grad():
                 out = m(*[_take(o, j, bs) for o in xb])
                 nf = [(~o.isfinite()).any() for o in _floats(out)] + [r[1] for r in rec]
-                try: nf.append((~lrn.loss_func(out, *[_take(o, j, bs) for o in yb]).detach().float().isfinite()).any())
-                except (RuntimeError, ValueError, IndexError): pass # a loss tied to the whole batch (MixUp's)
+                try: nf.append((~_loss(lrn, out, [_take(o, j, bs) for o in yb]).detach().float().isfinite()).any())
+                except (RuntimeError, ValueError, IndexError, TypeError, AttributeError): pass # MixUp's: whole-batch
         finally:
             if bufs: torch._foreach_copy_(bufs, saved)
         return bool(torch.stack(nf).any()) if nf else False # a host read per replay, on bad batches only

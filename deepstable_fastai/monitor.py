@@ -6,13 +6,13 @@ Docs: https://deepstable.github.io/deepstable-fastai/monitor.html.md"""
 
 # %% ../nbs/05_monitor.ipynb #e24a5a64
 from __future__ import annotations
-import math, torch, torch.nn as nn, numpy as np, pandas as pd
+import math, numbers, torch, torch.nn as nn, numpy as np, pandas as pd
 from fastcore.basics import patch, store_attr
 from fastcore.foundation import L
 from fastai.callback.core import Callback
 from fastai.torch_core import subplots
 from .stats import STATS
-from .engine import StatsEngine, _Loops, batch_key
+from .engine import StatsEngine, _Loops, batch_key, _positive_int
 from .distrib import strip_ddp, ddp_modules, is_dist, same_on_ranks, all_reduce_stats, all_reduce_sum
 from .trackers import trackers, log_records, pkg_reduce_ex
 
@@ -24,6 +24,13 @@ GRAD_STATS = ('grad_norm','weight_norm','update_ratio')
 MONITOR_STATS = STATS + GRAD_STATS
 
 # %% ../nbs/05_monitor.ipynb #e3f8c555
+def _bin_range(r, bins):
+    "Is `r` two numbers `lo < hi` whose `bins` bins are of a finite, non-zero width in float32 (as the kernels bin)?"
+    if isinstance(r, (str, bytes)): return False
+    try: lo,hi = (np.float32(float(v)) for v in r)
+    except (TypeError, ValueError): return False
+    with np.errstate(all='ignore'): return bool(np.isfinite([lo, hi, hi-lo, np.float32(bins)/(hi-lo)]).all() and lo<hi)
+
 class ActivationMonitor(_Loops, Callback):
     "Record per-layer activation and gradient statistics of training batches on the device, in bounded memory"
     order,__reduce_ex__ = -5,pkg_reduce_ex # loading an export without this package says so
@@ -41,14 +48,14 @@ class ActivationMonitor(_Loops, Callback):
                  record_valid:bool=False, # Also record validation batches during `fit`
                  reset_on_fit:bool=True, # A new `fit` starts a new history
                  keep_history:bool=False): # Pickle (`learn.export()`) the history too, not only the settings
-        if every<1: raise ValueError(f"`every` must be >= 1, got {every!r}")
-        if update_every<1: raise ValueError(f"`update_every` must be >= 1, got {update_every!r}")
-        if not isinstance(update_sample, int) or update_sample<0:
+        for n,v in (('every',every),('update_every',update_every),('bins',bins)): _positive_int(n, v)
+        if bins>4096: raise ValueError(f"`bins` must be at most 4096, got {bins!r}")
+        _int = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)
+        if not _int(update_sample) or update_sample<0:
             raise ValueError(f"`update_sample` must be an int >= 0, got {update_sample!r}")
-        if cap<2 or cap%2: raise ValueError(f"`cap` must be an even number >= 2, got {cap!r}")
-        if not 1<=bins<=4096 or not hist_range[0]<hist_range[1]:
-            raise ValueError(f"`bins` (1 to 4096) and `hist_range` must describe at least one bin, "
-                             f"got {bins!r}, {hist_range!r}")
+        if not _int(cap) or cap<2 or cap%2: raise ValueError(f"`cap` must be an even int >= 2, got {cap!r}")
+        if not _bin_range(hist_range, bins):
+            raise ValueError(f"`hist_range` must be two finite numbers, low then high, got {hist_range!r}")
         store_attr(but='modules')
         self.modules,self.names,self.buf,self.hbuf,self.pos = modules,[],None,None,None
         self.k,self.stride,self._off = 0,1,0
@@ -85,7 +92,7 @@ def _start(self:ActivationMonitor):
     self._k0 = self.k # records before this fit are already combined across ranks
     self._posn = self.pos.numpy() # a view of `pos`, made once: `after_batch` writes its row with no op and no sync
     self._started,self._count,self._nan = True,0,torch.full((len(names), len(GRAD_STATS)), float('nan'), device=dev)
-    self._snap = None # the update sample, made at the first update batch
+    self._snap,self._owe,self._paid = None,False,False # the update sample, made at the first update batch
 
 _NCOL = len(MONITOR_STATS)+1 # and the elements behind each record's statistics, for the merge across ranks
 
@@ -103,9 +110,16 @@ def before_batch(self:ActivationMonitor):
     "Decide whether this batch is recorded and tell the engine"
     if not self._started: return
     L = self.learn # read the loop's state from the learner itself: a callback's attribute fallback is slow
-    ok,c = (L.train_iter%self.every==0 if L.training else self.record_valid),self._count
+    # not the batches of a loop nested in the fit (`validate`, or `get_preds`, which `FetchPredsCallback` runs with
+    # no `before_fit`)
+    ok,c = (L.train_iter%self.every==0 if L.training else
+            self.record_valid and not self._nest and not hasattr(L, 'gather_preds')),self._count
     self._rec = ok and c%self.stride==0
-    self._upd = self._rec and L.training and c%(self.stride*self.update_every)==0
+    # an update batch cancelled before its step (`GradientAccumulation` cancels those that only add up gradients)
+    # owes its measure to the next recorded batch, once
+    up = self._rec and L.training
+    self._upd,self._paid = up and (c%(self.stride*self.update_every)==0 or self._owe),up and self._owe
+    if up: self._owe = False
     if ok: self._count += 1
     self._engine.begin(batch_key(L), want=self._rec, hist=self.with_hist)
     if self._rec: self._g,self._where = None,(self._off+L.train_iter, L.epoch, L.iter, int(L.training))
@@ -198,7 +212,7 @@ def before_step(self:ActivationMonitor):
     src = [e.params[j] for j in self._live]
     if not src: return
     with torch.no_grad():
-        if self.updates: self._sample(src).take()
+        if self.updates: self._sample(src).take(); self._owe = not self._paid # until `after_step` measures the step
         self._g[:,1] = self._per_param(torch.stack(torch._foreach_norm(src)).float())
 
 # %% ../nbs/05_monitor.ipynb #b47618fc
@@ -208,6 +222,7 @@ def after_step(self:ActivationMonitor):
     if not (self._rec and self._upd and self.grads and self.updates and self._g is not None): return
     if not self._live: return
     with torch.no_grad(): self._g[:,2] = self._per_param(self._snap.steps())/self._g[:,1]
+    self._owe = False
 
 # %% ../nbs/05_monitor.ipynb #da5ce04e
 @patch
@@ -339,6 +354,7 @@ def steps(self:ActivationMonitor):
 @patch
 def to_df(self:ActivationMonitor):
     "The history as a long `DataFrame`: step, epoch, iter, train, layer, layer_idx, stat, value"
+    if self.buf is None: raise ValueError("Nothing recorded yet: train with `fit` first")
     k,n,c = self.k,len(self.names),len(MONITOR_STATS)
     b,p = self.buf[:k,:,:c].cpu().numpy(),self.pos[:k].numpy()
     rep = lambda a: np.repeat(a, n*c)

@@ -117,7 +117,7 @@ def _merge_rows(raw, p, seg):
 # %% ../nbs/01_stats.ipynb #d8be1909
 def _bins(x, lo:float, hi:float, nb:int):
     "Bin index of each element: `nb` bins over `[lo,hi]`, then NaN, -Inf, +Inf"
-    b = ((x.float()-lo)*(nb/(hi-lo))).clamp(0, nb-1)
+    b = ((x.float()-lo)*(nb/(hi-lo))).nan_to_num(0.).clamp(0, nb-1) # a NaN (0*inf) must not become an index
     b = torch.where(x!=x, float(nb), torch.where(x==-_INF, float(nb+1), torch.where(x==_INF, float(nb+2), b.floor())))
     return b.long()
 

@@ -83,7 +83,10 @@ void hist_block(const T* x, int64_t n, double lo, double hi, int64_t nb, int64_t
     if (z == 0) {
       int32_t* ix = idx.data();
       #pragma omp simd
-      for (int64_t j = 0; j < m; j++) { T t = (y[j] - flo)*scale; t = t < 0 ? 0 : t; t = t > top ? top : t; ix[j] = (int32_t)t; }
+      // written so that a NaN (a zero times an infinite scale) lands in bin 0, never at an index out of range
+      for (int64_t j = 0; j < m; j++) {
+        T t = (y[j] - flo)*scale; t = t >= 0 ? t : 0; t = t <= top ? t : top; ix[j] = (int32_t)t;
+      }
       int64_t j = 0;
       for (; j + K <= m; j += K)
         for (int k = 0; k < K; k++) c[k*w + ix[j + k]]++;
@@ -92,7 +95,7 @@ void hist_block(const T* x, int64_t n, double lo, double hi, int64_t nb, int64_t
       T v = y[j]; int64_t b;
       if (v != v) b = nb;
       else if (std::isinf(v)) b = v < 0 ? nb + 1 : nb + 2;
-      else { T t = (v - flo)*scale; b = t < 0 ? 0 : (t >= (T)nb ? nb - 1 : (int64_t)t); }
+      else { T t = (v - flo)*scale; b = !(t >= 0) ? 0 : (t >= (T)nb ? nb - 1 : (int64_t)t); }
       c[b]++;
     }
   }

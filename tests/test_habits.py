@@ -1,0 +1,166 @@
+"""fastai habits that broke the monitor or the guard (a review's sweep of fastai's entry points, 2026-12-02): a fit
+after a 'stop', a model whose output a callback reshapes before the loss (`RNNCallback`), an lr set by the next `fit`
+after an interrupted rollback, `GradientAccumulation`, prediction loops nested in a fit, and bad arguments."""
+import warnings
+import numpy as np, pytest, torch, torch.nn as nn
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat
+from fastai.torch_core import set_seed
+from fastai.callback.core import Callback
+from fastai.callback.training import GradientAccumulation
+from fastai.callback.rnn import RNNCallback
+from fastai.callback.core import FetchPredsCallback
+import fastai.callback.progress # `Learner.no_bar`, `no_logging`
+from conftest import nan_batch
+from deepstable_fastai.data import digits_dls
+from deepstable_fastai.monitor import ActivationMonitor
+from deepstable_fastai.guard import ExplosionGuard
+
+def mlp(): return nn.Sequential(nn.Flatten(), nn.Linear(64,32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32,10))
+
+def learner(cbs=None, model=None):
+    set_seed(0)
+    return Learner(digits_dls(size=8, bs=64), model or mlp(), loss_func=CrossEntropyLossFlat(), cbs=cbs)
+
+def fit(learn, *a, **k):
+    with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
+        warnings.simplefilter('ignore'); learn.fit(*a, **k)
+
+def hooks(m): return sum(len(o._forward_hooks) for o in m.modules())
+
+@pytest.mark.usefixtures('kernel')
+def test_fit_after_stop():
+    "A 'stop' leaves no NaN gradient behind: fastai skips `zero_grad` when the fit is cancelled in `before_step`"
+    g = ExplosionGuard('stop'); learn = learner([g])
+    fit(learn, 1, 1e-2, cbs=[nan_batch(3)])
+    assert g.stop_reason is not None and learn.train_iter==3
+    assert all(p.grad is None or p.grad.isfinite().all() for p in learn.model.parameters())
+    fit(learn, 1, 1e-2) # clean data
+    assert g.stop_reason is None and g.events==[] and learn.train_iter==len(learn.dls.train)
+    assert all(p.isfinite().all() for p in learn.model.parameters())
+
+class Body(nn.Module):
+    "A model with a tuple output, as fastai's AWD-LSTM: `RNNCallback` keeps the first element for the loss"
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64,32), nn.ReLU(), nn.Linear(32,32), nn.ReLU())
+        self.head = nn.Linear(32,10)
+    def forward(self, x): h = self.body(x); return self.head(h),[h],[h]
+
+class NaNInside(Callback):
+    "Make `body[3]`'s output NaN at training batch `n`"
+    order = -20
+    def __init__(self, n): self.n = n
+    def before_fit(self):
+        def f(m, i, o):
+            if self.learn.training and self.learn.train_iter==self.n: return o*float('nan')
+        self.h = self.learn.model.body[3].register_forward_hook(f)
+    def after_fit(self): self.h.remove()
+
+@pytest.mark.usefixtures('kernel')
+@pytest.mark.parametrize('fault', ['inside', 'input'])
+def test_replay_of_a_reshaped_output(fault):
+    "The guard's replays of a batch go through the loss as the fit does, here after `RNNCallback`'s `after_pred`"
+    g = ExplosionGuard('skip'); learn = learner([g, RNNCallback()], Body())
+    fit(learn, 1, 1e-2, cbs=[NaNInside(5) if fault=='inside' else nan_batch(5)])
+    assert [e['iter'] for e in g.events]==[5], g.events
+    assert g.events[0]['layer']==('body.3' if fault=='inside' else 'input'), g.events[0]
+    assert hooks(learn.model)==0 and learn.__dict__.get('_stats_engine') is None
+    assert all(p.isfinite().all() for p in learn.model.parameters())
+
+class LRs(Callback):
+    order = 12 # after the guard: the lr of the step
+    def before_fit(self): self.lrs = set()
+    def before_step(self): self.lrs.add(self.opt.hypers[0]['lr'])
+
+class Interrupt(Callback):
+    def after_step(self):
+        if self.train_iter==6: raise KeyboardInterrupt
+
+def test_next_fit_keeps_its_lr():
+    "A fit interrupted while the guard's lr is backed off: the next `fit` trains at the lr it was given"
+    g = ExplosionGuard('rollback', lr_recover=0); learn = learner([g])
+    with pytest.raises(KeyboardInterrupt): fit(learn, 1, 1e-2, cbs=[nan_batch(3), Interrupt()])
+    assert [e['action'][:8] for e in g.events]==['rollback']
+    log = LRs(); fit(learn, 1, 1e-3, cbs=[log])
+    assert log.lrs=={1e-3}
+    learn.opt.set_hypers(lr=0.5) # and `remove()` by hand outside a fit gives back the lr it backed off
+    with pytest.raises(KeyboardInterrupt): fit(learn, 1, 1e-2, cbs=[nan_batch(3), Interrupt()])
+    assert learn.opt.hypers[0]['lr']==5e-3
+    g.remove(); assert learn.opt.hypers[0]['lr']==1e-2
+
+def test_gradient_accumulation():
+    "Under `GradientAccumulation` an update ratio is measured on a batch that steps"
+    m = ActivationMonitor(update_every=2); learn = learner([m, GradientAccumulation(n_acc=128)])
+    fit(learn, 1, 1e-2)
+    r = m.values('update_ratio')
+    assert torch.isfinite(torch.as_tensor(r)).any(1).sum()>=len(learn.dls.train)//4
+
+def test_nested_prediction_loop_not_recorded():
+    "`record_valid=True` records the fit's validation batches only, not those of a `get_preds` inside the fit"
+    dls = digits_dls(size=8, bs=64)
+    m = ActivationMonitor(record_valid=True); learn = learner([m, FetchPredsCallback(dl=dls.valid)])
+    fit(learn, 2, 1e-2)
+    assert (m.pos[:m.k,3]==0).sum()==2*len(learn.dls.valid)
+
+@pytest.mark.parametrize('kw', [dict(cap=4.0), dict(cap=True), dict(every=1.5), dict(every='2'), dict(every=True),
+                                dict(update_every=2.0), dict(bins=4.0), dict(hist_range=(1,)), dict(hist_range=None),
+                                dict(hist_range=('a','b'))])
+def test_monitor_bad_arguments(kw):
+    with pytest.raises(ValueError, match=f"`{next(iter(kw))}`"): ActivationMonitor(**kw)
+
+@pytest.mark.parametrize('kw', [dict(act_factor=None), dict(act_factor='3'), dict(grad_factor=float('nan')),
+                                dict(std_min=None), dict(dead_max='x'), dict(lr_backoff=None), dict(std_max=True),
+                                dict(verbose='no'), dict(patience=True)])
+def test_guard_bad_arguments(kw):
+    with pytest.raises(ValueError, match=f"`{next(iter(kw))}`"): ExplosionGuard(**kw)
+
+def test_read_before_any_fit():
+    "Reading a monitor or a guard that has recorded nothing says so"
+    with pytest.raises(ValueError, match='Nothing recorded'): ActivationMonitor().to_df()
+    with pytest.raises(ValueError, match='no event'): ExplosionGuard().flight()
+
+def test_predict_on_the_digits():
+    "`Learner.predict` on the embedded data, with both callbacks: a prediction, no record, no hook left"
+    m,g = ActivationMonitor(),ExplosionGuard(); learn = learner([m, g])
+    fit(learn, 1, 1e-2); k = m.k
+    x,y = learn.dls.valid_ds[0]
+    with learn.no_bar(): dec,idx,probs = learn.predict(x)
+    assert probs.shape==(10,) and int(idx)==int(probs.argmax()) and m.k==k and g.events==[]
+    assert hooks(learn.model)==0 and learn.__dict__.get('_stats_engine') is None
+
+def test_owed_update_paid_once():
+    "An owed update measure is owed once: recorded batches that never step do not all become update batches"
+    m = ActivationMonitor(every=2, update_every=4); learn = learner([m, GradientAccumulation(n_acc=128)])
+    n = []
+    class Count(Callback):
+        order = -10 # before `GradientAccumulation` cancels the batch
+        def before_step(self): n.append(m._upd)
+    fit(learn, 1, 1e-2, cbs=[Count()])
+    # 22 batches, 11 recorded (every=2), the steps on the others: the records 0, 4, 8 are update batches, and each
+    # owes its measure to the next record, once (every recorded batch was an update batch before the bound)
+    assert len(n)==22 and sum(n)==6, (sum(n), len(n))
+
+@pytest.mark.parametrize('r', [(-float('inf'), 5.), (-1e39, 1e39), (0., 1e-46), (0., 1e-44), (float('nan'), 1.)])
+def test_hist_range_that_float32_cannot_bin(r):
+    with pytest.raises(ValueError, match='`hist_range`'): ActivationMonitor(with_hist=True, hist_range=r)
+
+@pytest.mark.parametrize('r', [[-5, 5], (np.float32(-1), np.float64(2)), np.array([-3., 3.]), torch.tensor([-2., 2.])])
+def test_hist_range_accepted(r): ActivationMonitor(with_hist=True, hist_range=r)
+
+def test_lr_given_back_after_a_fit_that_raised():
+    "A per-call guard whose fit raised while its lr was backed off gives the optimizer its lr back"
+    learn = learner()
+    with pytest.raises(KeyboardInterrupt):
+        fit(learn, 1, 1e-2, cbs=[ExplosionGuard('rollback', lr_recover=0), nan_batch(3), Interrupt()])
+    assert learn.opt.hypers[0]['lr']==1e-2
+
+def test_bins_never_out_of_range():
+    "A bin width that float32 rounds to an infinite scale: 0*inf is NaN, which must land in a bin, not past the counts"
+    from deepstable_fastai.stats import kernel_path, _bins
+    assert (_bins(torch.zeros(10), 0., 1e-44, 40)==0).all()
+    if kernel_path(wait=True)!='cpp': return
+    h = torch.zeros(2, 43, dtype=torch.long)
+    torch.ops.deepstable.hist_(torch.zeros(5000), h, 1, 0., 1e-44) # the vectorised blocks and the tail
+    torch.ops.deepstable.hist_(torch.tensor([0., float('nan')]), h, 0, 0., 1e-44) # the branchy loop
+    assert h[1,0]==5000 and h[1].sum()==5000 and h[0].tolist()==[1]+[0]*39+[1,0,0]
