@@ -68,8 +68,9 @@ def _check_args(g):
         if not _int(v) or v<0: raise ValueError(f"`{n}` must be a non-negative int, got {v!r}")
     if not isinstance(g.drop_bad_samples, bool):
         raise ValueError(f"`drop_bad_samples` must be a bool, got {g.drop_bad_samples!r}")
-    if g.verbose not in (True, False) or not isinstance(g.verbose, numbers.Integral): # 0 and 1 too
-        raise ValueError(f"`verbose` must be a bool, got {g.verbose!r}")
+    try: ok = not isinstance(g.verbose, (str, float)) and g.verbose in (True, False) # 0, 1 and numpy's bools too
+    except (ValueError, RuntimeError): ok = False # an array
+    if not ok: raise ValueError(f"`verbose` must be a bool, got {g.verbose!r}")
     if g.modules is not None and len(listify(g.modules))==0:
         raise ValueError("`modules` is empty: pass None for the default selection")
 

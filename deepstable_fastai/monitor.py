@@ -27,9 +27,10 @@ MONITOR_STATS = STATS + GRAD_STATS
 def _bin_range(r, bins):
     "Is `r` two numbers `lo < hi` whose `bins` bins are of a finite, non-zero width in float32 (as the kernels bin)?"
     if isinstance(r, (str, bytes)): return False
-    try: lo,hi = (np.float32(float(v)) for v in r)
-    except (TypeError, ValueError): return False
-    with np.errstate(all='ignore'): return bool(np.isfinite([lo, hi, hi-lo, np.float32(bins)/(hi-lo)]).all() and lo<hi)
+    with np.errstate(all='ignore'):
+        try: lo,hi = (np.float32(float(v)) for v in r)
+        except (TypeError, ValueError, OverflowError): return False
+        return bool(np.isfinite([lo, hi, hi-lo, np.float32(bins)/(hi-lo)]).all() and lo<hi)
 
 class ActivationMonitor(_Loops, Callback):
     "Record per-layer activation and gradient statistics of training batches on the device, in bounded memory"
@@ -55,12 +56,13 @@ class ActivationMonitor(_Loops, Callback):
             raise ValueError(f"`update_sample` must be an int >= 0, got {update_sample!r}")
         if not _int(cap) or cap<2 or cap%2: raise ValueError(f"`cap` must be an even int >= 2, got {cap!r}")
         if not _bin_range(hist_range, bins):
-            raise ValueError(f"`hist_range` must be two finite numbers, low then high, got {hist_range!r}")
+            raise ValueError(f"`hist_range` must be two finite numbers, low then high, far enough apart for float32 "
+                             f"to tell `bins` bins apart, got {hist_range!r}")
         store_attr(but='modules')
         self.modules,self.names,self.buf,self.hbuf,self.pos = modules,[],None,None,None
         self.k,self.stride,self._off = 0,1,0
         self._engine,self._on,self._started,self._rec,self._upd = None,False,False,False,False
-        self._snap,self._g,self._posn = None,None,None
+        self._snap,self._g,self._posn,self._due = None,None,None,None
 
 # %% ../nbs/05_monitor.ipynb #a49d4595
 @patch
@@ -92,9 +94,10 @@ def _start(self:ActivationMonitor):
     self._k0 = self.k # records before this fit are already combined across ranks
     self._posn = self.pos.numpy() # a view of `pos`, made once: `after_batch` writes its row with no op and no sync
     self._started,self._count,self._nan = True,0,torch.full((len(names), len(GRAD_STATS)), float('nan'), device=dev)
-    self._snap,self._owe,self._paid = None,False,False # the update sample, made at the first update batch
+    self._snap,self._due = None,None # the update sample, made at the first update batch
 
 _NCOL = len(MONITOR_STATS)+1 # and the elements behind each record's statistics, for the merge across ranks
+_UR = MONITOR_STATS.index('update_ratio') # after the weight norm
 
 @patch
 def _alloc(self:ActivationMonitor, names, dev):
@@ -115,11 +118,7 @@ def before_batch(self:ActivationMonitor):
     ok,c = (L.train_iter%self.every==0 if L.training else
             self.record_valid and not self._nest and not hasattr(L, 'gather_preds')),self._count
     self._rec = ok and c%self.stride==0
-    # an update batch cancelled before its step (`GradientAccumulation` cancels those that only add up gradients)
-    # owes its measure to the next recorded batch, once
-    up = self._rec and L.training
-    self._upd,self._paid = up and (c%(self.stride*self.update_every)==0 or self._owe),up and self._owe
-    if up: self._owe = False
+    self._upd = self._rec and L.training and c%(self.stride*self.update_every)==0
     if ok: self._count += 1
     self._engine.begin(batch_key(L), want=self._rec, hist=self.with_hist)
     if self._rec: self._g,self._where = None,(self._off+L.train_iter, L.epoch, L.iter, int(L.training))
@@ -212,17 +211,20 @@ def before_step(self:ActivationMonitor):
     src = [e.params[j] for j in self._live]
     if not src: return
     with torch.no_grad():
-        if self.updates: self._sample(src).take(); self._owe = not self._paid # until `after_step` measures the step
+        if self.updates: self._sample(src).take(); self._due = self.k # the record that waits for the step
         self._g[:,1] = self._per_param(torch.stack(torch._foreach_norm(src)).float())
 
 # %% ../nbs/05_monitor.ipynb #b47618fc
 @patch
 def after_step(self:ActivationMonitor):
-    "Update-to-weight ratio of the step just taken"
-    if not (self._rec and self._upd and self.grads and self.updates and self._g is not None): return
-    if not self._live: return
-    with torch.no_grad(): self._g[:,2] = self._per_param(self._snap.steps())/self._g[:,1]
-    self._owe = False
+    "Update-to-weight ratio of the step just taken, into the record whose batch took the sample"
+    k,self._due = self._due,None
+    if k is None or not self._live: return
+    with torch.no_grad():
+        r = self._per_param(self._snap.steps())
+        if k==self.k and self._rec and self._g is not None: self._g[:,2] = r/self._g[:,1] # this batch's record
+        else: self.buf[k,:,_UR] = r/self.buf[k,:,_UR-1] # an earlier batch's: cancelled before its step
+
 
 # %% ../nbs/05_monitor.ipynb #da5ce04e
 @patch
@@ -253,6 +255,7 @@ def _halve(self:ActivationMonitor):
     if self.hbuf is not None: self.hbuf[:h] = self.hbuf[0::2].clone(); self.hbuf[h:] = 0
     self.pos[:h] = self.pos[0::2].clone()
     self.k,self.stride,self._k0 = h,self.stride*2,(getattr(self, '_k0', 0)+1)//2
+    if self._due is not None: self._due = None if self._due%2 else self._due//2 # a record waiting for its step
 
 @patch
 def nbytes(self:ActivationMonitor):
@@ -268,7 +271,7 @@ def after_fit(self:ActivationMonitor):
     fitted = self._started # a training fit that ended normally or was cancelled: every rank is here
     if self._engine is not None: self._engine.release(self.learn, self)
     self._exit()
-    self._engine,self._snap,self._g,self._nan = (None,)*4
+    self._engine,self._snap,self._g,self._nan,self._due = (None,)*5
     self._started,self._rec,self._posn = False,False,None
     if self.buf is not None: self.buf = self.buf.cpu()
     if self.hbuf is not None: self.hbuf = self.hbuf.cpu()
@@ -283,7 +286,7 @@ def remove(self:ActivationMonitor):
 def __getstate__(self:ActivationMonitor):
     "Pickle the settings; the history only with `keep_history`"
     d = {**self.__dict__, '_engine':None, '_held':None, '_open':False, '_snap':None, '_g':None, '_nan':None,
-         '_posn':None, '_started':False, '_rec':False, '_nest':0}
+         '_posn':None, '_started':False, '_rec':False, '_nest':0, '_due':None}
     if not self.keep_history: d.update(names=[], buf=None, hbuf=None, pos=None, k=0, stride=1, _off=0)
     return d
 

@@ -115,6 +115,10 @@ def test_monitor_bad_arguments(kw):
 def test_guard_bad_arguments(kw):
     with pytest.raises(ValueError, match=f"`{next(iter(kw))}`"): ExplosionGuard(**kw)
 
+@pytest.mark.parametrize('kw', [dict(verbose=0), dict(verbose=np.True_), dict(retries=np.int64(2)),
+                                dict(act_factor=np.float32(50))])
+def test_guard_arguments_accepted(kw): ExplosionGuard(**kw)
+
 def test_read_before_any_fit():
     "Reading a monitor or a guard that has recorded nothing says so"
     with pytest.raises(ValueError, match='Nothing recorded'): ActivationMonitor().to_df()
@@ -129,19 +133,20 @@ def test_predict_on_the_digits():
     assert probs.shape==(10,) and int(idx)==int(probs.argmax()) and m.k==k and g.events==[]
     assert hooks(learn.model)==0 and learn.__dict__.get('_stats_engine') is None
 
-def test_owed_update_paid_once():
-    "An owed update measure is owed once: recorded batches that never step do not all become update batches"
-    m = ActivationMonitor(every=2, update_every=4); learn = learner([m, GradientAccumulation(n_acc=128)])
-    n = []
-    class Count(Callback):
-        order = -10 # before `GradientAccumulation` cancels the batch
-        def before_step(self): n.append(m._upd)
-    fit(learn, 1, 1e-2, cbs=[Count()])
-    # 22 batches, 11 recorded (every=2), the steps on the others: the records 0, 4, 8 are update batches, and each
-    # owes its measure to the next record, once (every recorded batch was an update batch before the bound)
-    assert len(n)==22 and sum(n)==6, (sum(n), len(n))
+@pytest.mark.parametrize('n_acc,update_every', [(128,2), (256,8), (512,4)])
+def test_update_ratio_of_the_accumulated_step(n_acc, update_every):
+    "The sample of an update batch cancelled before its step waits for the step: one ratio per update batch"
+    m = ActivationMonitor(update_every=update_every); learn = learner([m, GradientAccumulation(n_acc=n_acc)])
+    fit(learn, 2, 1e-2)
+    r = torch.as_tensor(m.values('update_ratio')); ok = r.isfinite().any(1)
+    tot,a = 2*len(learn.dls.train),n_acc//64 # the accumulation counts on across epochs: a step every `a` batches
+    steps = [g for g in range(tot) if (g+1)%a==0]
+    want = [u for u in range(0, tot, update_every) if any(u<=g<u+update_every for g in steps)] # not resampled first
+    assert ok.nonzero().flatten().tolist()==want
+    assert (r[ok].nan_to_num(1.)>0).all() # modules without parameters have no ratio
 
-@pytest.mark.parametrize('r', [(-float('inf'), 5.), (-1e39, 1e39), (0., 1e-46), (0., 1e-44), (float('nan'), 1.)])
+@pytest.mark.parametrize('r', [(-float('inf'), 5.), (-1e39, 1e39), (0., 1e-46), (0., 1e-44), (float('nan'), 1.),
+                               (0, 10**400), (1e6, 1e6+0.01)])
 def test_hist_range_that_float32_cannot_bin(r):
     with pytest.raises(ValueError, match='`hist_range`'): ActivationMonitor(with_hist=True, hist_range=r)
 
