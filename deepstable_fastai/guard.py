@@ -569,6 +569,13 @@ def after_step(self:ExplosionGuard):
     if f.steps % f.every == 0: self._snaps.pending = self._snaps.take(self._snaps.spare)
 
 @patch
+def after_cancel_batch(self:ExplosionGuard):
+    "A batch cancelled after the guard's `before_step` gets no `after_step`: undo the lr back-off here"
+    f = self._fit
+    if self._engine is None or f.saved_lr is None: return
+    self.learn.opt.set_hypers(lr=f.saved_lr); f.saved_lr = None
+
+@patch
 def after_cancel_step(self:ExplosionGuard):
     "A step cancelled before the guard decided: AMP's overflow skip, unless the forward pass was already bad"
     if self._engine is None: return

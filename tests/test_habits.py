@@ -6,7 +6,7 @@ import numpy as np, pytest, torch, torch.nn as nn
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import set_seed
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelBatchException
 from fastai.callback.training import GradientAccumulation
 from fastai.callback.rnn import RNNCallback
 from fastai.callback.core import FetchPredsCallback
@@ -169,3 +169,14 @@ def test_bins_never_out_of_range():
     torch.ops.deepstable.hist_(torch.zeros(5000), h, 1, 0., 1e-44) # the vectorised blocks and the tail
     torch.ops.deepstable.hist_(torch.tensor([0., float('nan')]), h, 0, 0., 1e-44) # the branchy loop
     assert h[1,0]==5000 and h[1].sum()==5000 and h[0].tolist()==[1]+[0]*39+[1,0,0]
+
+class CancelAfterGuard(Callback):
+    order = 12 # after the guard's before_step, which backs the lr off
+    def before_step(self):
+        if self.train_iter in (8, 9, 10): raise CancelBatchException
+
+def test_backed_off_lr_does_not_compound():
+    "A batch cancelled after the guard's `before_step` skips its `after_step`: the backed-off lr is not scaled twice"
+    g = ExplosionGuard('rollback', lr_recover=0); log = LRs(); learn = learner([g])
+    fit(learn, 1, 1e-2, cbs=[nan_batch(3), CancelAfterGuard(), log])
+    assert log.lrs=={1e-2, 5e-3} and learn.opt.hypers[0]['lr']==1e-2, log.lrs
