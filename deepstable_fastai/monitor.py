@@ -225,7 +225,6 @@ def after_step(self:ActivationMonitor):
         if k==self.k and self._rec and self._g is not None: self._g[:,2] = r/self._g[:,1] # this batch's record
         else: self.buf[k,:,_UR] = r/self.buf[k,:,_UR-1] # an earlier batch's: cancelled before its step
 
-
 # %% ../nbs/05_monitor.ipynb #da5ce04e
 @patch
 def after_batch(self:ActivationMonitor):
