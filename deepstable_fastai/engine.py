@@ -16,6 +16,7 @@ from fastai.learner import Learner
 from .stats import act_types, compiled, kernel_path, _tensors, _kernels, _finish, ROW
 from .stats import _merge_rows, _add_hist, _INF
 from .distrib import ddp_modules
+from .data import _expect
 
 # %% auto #0
 __all__ = ['find_modules', 'StatsEngine', 'batch_key', 'training_fit', 'fit_running', 'OpCounter']
@@ -558,15 +559,16 @@ class _Loops:
         self._open,self._nest,self._held = False,0,None
 
 # %% ../nbs/02_engine.ipynb #5c1f0a24
-def _positive_int(n, v, none=False):
-    "Raise a `ValueError` naming argument `n` unless `v` is an int >= 1 (or `None`, if `none`)"
-    if (v is None and none) or (isinstance(v, numbers.Integral) and not isinstance(v, bool) and v>=1): return
-    raise ValueError(f"`{n}` must be a positive int{' or None' if none else ''}, got {v!r}")
+def _int(v): return isinstance(v, numbers.Integral) and not isinstance(v, bool) # numpy's ints too, not bools
+
+def _positive_int(n, v, none=False, low=1):
+    "Raise a `ValueError` naming argument `n` unless `v` is an int >= `low` (or `None`, if `none`)"
+    what = ('a positive int' if low==1 else f'an int >= {low}')+(' or None' if none else '')
+    _expect((v is None and none) or (_int(v) and v>=low), n, what, v)
 
 def _number(n, v, ok, what):
-    "Raise a `ValueError` naming argument `n` unless `v` is a real number (not a bool, not NaN) for which `ok(v)` holds"
-    if isinstance(v, numbers.Real) and not isinstance(v, bool) and ok(v): return
-    raise ValueError(f"`{n}` must be {what}, got {v!r}")
+    "Raise a `ValueError` naming argument `n` unless `v` is a real number (not a bool) for which `ok(v)` holds"
+    _expect(isinstance(v, numbers.Real) and not isinstance(v, bool) and ok(v), n, what, v)
 
 # %% ../nbs/02_engine.ipynb #976ccd72
 @patch

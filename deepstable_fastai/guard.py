@@ -6,7 +6,7 @@ Docs: https://deepstable.github.io/deepstable-fastai/guard.html.md"""
 
 # %% ../nbs/06_guard.ipynb #7e0b0ca3
 from __future__ import annotations
-import math, numbers, sys, warnings, torch, pandas as pd
+import math, sys, warnings, torch, pandas as pd
 from contextlib import nullcontext
 from functools import partial
 from typing import NamedTuple
@@ -17,7 +17,7 @@ from types import MethodType
 from fastai.learner import Learner
 from fastai.callback.core import Callback, CancelStepException, CancelFitException, CancelBatchException
 from .stats import STATS, act_types, compiled, kernel_path
-from .engine import StatsEngine, _Loops, batch_key, fit_running, _upload, _cache, _positive_int, _number
+from .engine import StatsEngine, _Loops, batch_key, fit_running, _upload, _cache, _int, _positive_int, _number
 from .distrib import gather_rows, strip_ddp, ddp_modules, is_dist, world
 from .trackers import log_event, pkg_reduce_ex
 
@@ -50,8 +50,6 @@ def _rows(vs, kinds):
     return {k:Row(*v[:6], v[6] if len(v)>6 else None) for k,v in zip(kinds, vs)}
 
 # %% ../nbs/06_guard.ipynb #0bc252d7
-def _int(v): return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
 def _check_args(g):
     "Raise a `ValueError` naming the first bad argument of guard `g`"
     if g.action not in ACTIONS: raise ValueError(f"`action` must be one of {ACTIONS}, got {g.action!r}")
@@ -63,9 +61,7 @@ def _check_args(g):
     if not _int(g.grad_warmup) or not 1<=g.grad_warmup<=g.grad_window:
         raise ValueError(f"`grad_warmup` must be an int in [1, `grad_window`], got {g.grad_warmup!r}")
     _number('lr_backoff', g.lr_backoff, lambda v: 0<v<1, 'a number in (0,1)')
-    for n in ('retries','lr_recover','skip_batches'):
-        v = getattr(g, n)
-        if not _int(v) or v<0: raise ValueError(f"`{n}` must be a non-negative int, got {v!r}")
+    for n in ('retries','lr_recover','skip_batches'): _positive_int(n, getattr(g, n), low=0)
     if not isinstance(g.drop_bad_samples, bool):
         raise ValueError(f"`drop_bad_samples` must be a bool, got {g.drop_bad_samples!r}")
     try: ok = not isinstance(g.verbose, (str, float)) and g.verbose in (True, False) # 0, 1 and numpy's bools too
@@ -344,11 +340,17 @@ _GK = dict(fwd=compiled(_fwd_math), loss=compiled(_loss_math), bwd=compiled(_bwd
 _FIT = Learner.fit.__code__
 
 @patch
+def _lr_back(self:ExplosionGuard):
+    "Give the optimizer back the lr that the guard backed off for this step"
+    f,lrn = self._fit,self.learn
+    if f is None or f.saved_lr is None or getattr(lrn, 'opt', None) is None: return
+    lrn.opt.set_hypers(lr=f.saved_lr); f.saved_lr = None
+
+@patch
 def remove(self:ExplosionGuard):
     "Drop the guard's hooks and the state of its fit (snapshots, baselines); `events` stay"
+    self._lr_back()
     f,lrn = self._fit,self.learn
-    if f is not None and f.saved_lr is not None and getattr(lrn, 'opt', None) is not None:
-        lrn.opt.set_hypers(lr=f.saved_lr)
     if f is not None and f.drop is not None: _undrop(*f.drop[:2])
     if self._engine is not None: self._engine.release(lrn, self)
     self._exit()
@@ -562,8 +564,8 @@ def _act_on(self:ExplosionGuard, R):
 def after_step(self:ExplosionGuard):
     "Undo the lr back-off and take a snapshot every `snapshot_every` good steps (see `__init__` for the default)"
     if self._engine is None: return
+    self._lr_back()
     f,p = self._fit,self._pend
-    if f.saved_lr is not None: self.learn.opt.set_hypers(lr=f.saved_lr); f.saved_lr = None
     if not (p.decided and f.ok): return
     f.steps += 1
     if f.steps % f.every == 0: self._snaps.pending = self._snaps.take(self._snaps.spare)
@@ -571,9 +573,7 @@ def after_step(self:ExplosionGuard):
 @patch
 def after_cancel_batch(self:ExplosionGuard):
     "A batch cancelled after the guard's `before_step` gets no `after_step`: undo the lr back-off here"
-    f = self._fit
-    if self._engine is None or f.saved_lr is None: return
-    self.learn.opt.set_hypers(lr=f.saved_lr); f.saved_lr = None
+    if self._engine is not None: self._lr_back()
 
 @patch
 def after_cancel_step(self:ExplosionGuard):

@@ -6,13 +6,13 @@ Docs: https://deepstable.github.io/deepstable-fastai/monitor.html.md"""
 
 # %% ../nbs/05_monitor.ipynb #e24a5a64
 from __future__ import annotations
-import math, numbers, torch, torch.nn as nn, numpy as np, pandas as pd
+import math, torch, torch.nn as nn, numpy as np, pandas as pd
 from fastcore.basics import patch, store_attr
 from fastcore.foundation import L
 from fastai.callback.core import Callback
 from fastai.torch_core import subplots
 from .stats import STATS
-from .engine import StatsEngine, _Loops, batch_key, _positive_int
+from .engine import StatsEngine, _Loops, batch_key, _int, _positive_int
 from .distrib import strip_ddp, ddp_modules, is_dist, same_on_ranks, all_reduce_stats, all_reduce_sum
 from .trackers import trackers, log_records, pkg_reduce_ex
 
@@ -51,9 +51,7 @@ class ActivationMonitor(_Loops, Callback):
                  keep_history:bool=False): # Pickle (`learn.export()`) the history too, not only the settings
         for n,v in (('every',every),('update_every',update_every),('bins',bins)): _positive_int(n, v)
         if bins>4096: raise ValueError(f"`bins` must be at most 4096, got {bins!r}")
-        _int = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)
-        if not _int(update_sample) or update_sample<0:
-            raise ValueError(f"`update_sample` must be an int >= 0, got {update_sample!r}")
+        _positive_int('update_sample', update_sample, low=0)
         if not _int(cap) or cap<2 or cap%2: raise ValueError(f"`cap` must be an even int >= 2, got {cap!r}")
         if not _bin_range(hist_range, bins):
             raise ValueError(f"`hist_range` must be two finite numbers, low then high, far enough apart for float32 "
