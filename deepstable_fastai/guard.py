@@ -76,6 +76,7 @@ class ExplosionGuard(_Loops, Callback):
     # after fastai's MixedPrecision (order 10), written as a number: importing it adds ProgressCallback everywhere
     order,run_valid = 10.5,False
     __reduce_ex__ = pkg_reduce_ex # loading an export without this package says so
+    _off = _end = 0 # training batches of the earlier fits of this `fine_tune`: `train_iter` counts on
     _stateattrs = ('_engine','_held','_open','_nest','_on','_fit','_snaps','_base','_pend') # a loop's: not pickled
     def __init__(self, action:str='skip', # What to do on an explosion: 'warn', 'skip', 'rollback' or 'stop'
                  act_factor:float=100., # A module output std above this times its running baseline is exploding
@@ -374,7 +375,9 @@ def before_train(self:ExplosionGuard):
 def _start(self:ExplosionGuard):
     lrn = self.learn
     self._engine,self._held = StatsEngine.acquire(lrn, self, ddp_modules(lrn.model, self.modules)),None # see `hold`
-    self.events,self.lr_scale,self.stop_reason,self.skipped,self._flights,self.bad_samples = [],1.,None,[],[],[]
+    if self._cont: self._off = self._end # a later fit of the same `fine_tune`: its events go on
+    else: self._off,self.events,self.skipped,self._flights,self.bad_samples = 0,[],[],[],[]
+    self.lr_scale,self.stop_reason = 1.,None
     dev = next(lrn.model.parameters()).device
     self._fit = _FitState(self, [(n,p) for n,p in lrn.model.named_parameters() if p.requires_grad])
     self._base = _Baselines(len(self._engine), self.grad_window, self.grad_warmup, dev)
@@ -383,6 +386,7 @@ def _start(self:ExplosionGuard):
     cpu_cpp = dev.type=='cpu' and self._engine.path in (None,'cpp') and kernel_path(wait=True)=='cpp'
     self._fit.k = {n:(c.f if cpu_cpp else c) for n,c in _GK.items()}
     self._modules_changed()
+    if self._cont and self.drop_bad_samples and self.bad_samples: self._drop(self.bad_samples)
 
 @patch
 def _modules_changed(self:ExplosionGuard):
@@ -404,6 +408,7 @@ def after_fit(self:ExplosionGuard):
     if ps and not torch.stack(torch._foreach_norm(ps, float('inf'))).isfinite().all().item(): # max |x| is finite?
         self._snaps.restore()
         self._record('nonfinite_weights', 'model', float('nan'), None, 'restore')
+    self._end = self._off+self.learn.train_iter
     self.remove()
 
 # %% ../nbs/06_guard.ipynb #730cb2a5
@@ -432,7 +437,7 @@ def _fly(self:ExplosionGuard, s):
         k = self.flight_batches
         f.flight,f.fiters,f.nflight = s.new_full((k, *s.shape), float('nan')),[None]*k,0
     i = f.nflight % self.flight_batches
-    f.flight[i].copy_(s); f.fiters[i] = self.learn.train_iter; f.nflight += 1
+    f.flight[i].copy_(s); f.fiters[i] = self._off+self.learn.train_iter; f.nflight += 1
 
 @patch
 def _flight_now(self:ExplosionGuard):
@@ -462,7 +467,7 @@ def before_batch(self:ExplosionGuard):
     if self._engine is None: return
     f,p = self._fit,self._pend
     if f.skip_left: # `yb=()`: the recorder and the metrics leave the batch out
-        f.skip_left -= 1; self.skipped.append(self.learn.train_iter); self.learn.yb = ()
+        f.skip_left -= 1; self.skipped.append(self._off+self.learn.train_iter); self.learn.yb = ()
         raise CancelBatchException()
     self._engine.begin(batch_key(self.learn), want=f.nb%self.act_every==0)
     p.decided,f.nb = False,f.nb+1
@@ -806,7 +811,8 @@ def _blame_msg(b):
 
 @patch
 def _record(self:ExplosionGuard, kind, layer, value, threshold, action, ranks=None, to='', **blame):
-    ev = dict(epoch=self.learn.epoch, iter=self.learn.iter, train_iter=self.learn.train_iter, kind=kind, layer=layer,
+    lrn = self.learn
+    ev = dict(epoch=lrn.epoch, iter=lrn.iter, train_iter=self._off+lrn.train_iter, kind=kind, layer=layer,
               value=value, threshold=threshold, action=action, **{'pass':_PASS[kind]}, **blame)
     thr = '' if threshold is None else f' (threshold {threshold:.3g})'
     on = ''
@@ -855,7 +861,9 @@ def plot_events(self:ExplosionGuard, ax=None):
     import matplotlib.pyplot as plt
     if ax is None: _,ax = plt.subplots(figsize=(7,3))
     rec = getattr(self.learn, 'recorder', None)
-    if rec is not None and len(rec.losses): ax.plot([float(l) for l in rec.losses], color='k', lw=1, label='train loss')
+    if rec is not None and len(rec.losses): # the last fit's, after the batches of earlier fits of its `fine_tune`
+        ax.plot(range(self._off, self._off+len(rec.losses)), [float(l) for l in rec.losses], color='k', lw=1,
+                label='train loss')
     cs = dict(zip(KINDS+('amp_overflow','nonfinite_weights'), plt.rcParams['axes.prop_cycle'].by_key()['color']))
     for k in dict.fromkeys(e['kind'] for e in self.events):
         for i,e in enumerate(e for e in self.events if e['kind']==k):

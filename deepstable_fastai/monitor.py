@@ -47,7 +47,7 @@ class ActivationMonitor(_Loops, Callback):
                  bins:int=40, # Equal bins over `hist_range` (NaN, -Inf and +Inf get three more)
                  cap:int=1024, # Most records kept; when full, every other one is dropped and the stride doubles
                  record_valid:bool=False, # Also record validation batches during `fit`
-                 reset_on_fit:bool=True, # A new `fit` starts a new history
+                 reset_on_fit:bool=True, # A new `fit` starts a new history (a `fine_tune` is one)
                  keep_history:bool=False): # Pickle (`learn.export()`) the history too, not only the settings
         for n,v in (('every',every),('update_every',update_every),('bins',bins)): _positive_int(n, v)
         if bins>4096: raise ValueError(f"`bins` must be at most 4096, got {bins!r}")
@@ -58,7 +58,7 @@ class ActivationMonitor(_Loops, Callback):
                              f"to tell `bins` bins apart, got {hist_range!r}")
         store_attr(but='modules')
         self.modules,self.names,self.buf,self.hbuf,self.pos = modules,[],None,None,None
-        self.k,self.stride,self._off = 0,1,0
+        self.k,self.stride,self._off,self._end = 0,1,0,0
         self._engine,self._on,self._started,self._rec,self._upd = None,False,False,False,False
         self._snap,self._g,self._posn,self._due = None,None,None,None
 
@@ -85,10 +85,10 @@ def _start(self:ActivationMonitor):
     names = [strip_ddp(n) for n in e.users[id(self)]] # the user's names, also under DDP
     if self.buf is not None and self.buf.shape[-1]==_NCOL-1: # a history kept before the element counts were
         self.buf = torch.cat([self.buf, self.buf.new_full((*self.buf.shape[:2], 1), float('nan'))], -1)
-    if self.reset_on_fit or self.buf is None or list(self.names)!=names: self._alloc(names, dev)
+    if (self.reset_on_fit and not self._cont) or self.buf is None or list(self.names)!=names: self._alloc(names, dev)
     else:
         self.buf,self.hbuf = self.buf.to(dev),(None if self.hbuf is None else self.hbuf.to(dev))
-        self._off = int(self.pos[self.k-1,0])+1 if self.k else 0
+        self._off = max(self._end, int(self.pos[self.k-1,0])+1 if self.k else 0) # after the last fit's batches
     self._k0 = self.k # records before this fit are already combined across ranks
     self._posn = self.pos.numpy() # a view of `pos`, made once: `after_batch` writes its row with no op and no sync
     self._started,self._count,self._nan = True,0,torch.full((len(names), len(GRAD_STATS)), float('nan'), device=dev)
@@ -99,7 +99,7 @@ _UR = MONITOR_STATS.index('update_ratio') # after the weight norm
 
 @patch
 def _alloc(self:ActivationMonitor, names, dev):
-    self.names,self.k,self.stride,self._off,self._logged = list(names),0,1,0,-1
+    self.names,self.k,self.stride,self._off,self._end,self._logged = list(names),0,1,0,0,-1
     self.pos = torch.zeros(self.cap, 4, dtype=torch.long) # on the host, written through a numpy view
     self.buf = torch.full((self.cap, len(names), _NCOL), float('nan'), device=dev)
     self.hbuf = (torch.zeros(self.cap, len(names), self.bins+3, dtype=torch.int32, device=dev)
@@ -218,10 +218,19 @@ def after_step(self:ActivationMonitor):
     "Update-to-weight ratio of the step just taken, into the record whose batch took the sample"
     k,self._due = self._due,None
     if k is None or not self._live: return
-    with torch.no_grad():
-        r = self._per_param(self._snap.steps())
-        if k==self.k and self._rec and self._g is not None: self._g[:,2] = r/self._g[:,1] # this batch's record
-        else: self.buf[k,:,_UR] = r/self.buf[k,:,_UR-1] # an earlier batch's: cancelled before its step
+    with torch.no_grad(): self._ratio(k, self._per_param(self._snap.steps()))
+
+@patch
+def after_cancel_step(self:ActivationMonitor):
+    "A cancelled step (the guard's skip or rollback, AMP's overflow) made no update: its ratio is 0"
+    k,self._due = self._due,None # fastai calls `after_step` next: a rollback's jump back would count as a step
+    if k is not None and self._live: self._ratio(k, 0.)
+
+@patch
+def _ratio(self:ActivationMonitor, k, r):
+    "Step norms `r` over the weight norms into record `k`: this batch's, or an earlier one's cancelled before its step"
+    if k==self.k and self._rec and self._g is not None: self._g[:,2] = r/self._g[:,1]
+    else: self.buf[k,:,_UR] = r/self.buf[k,:,_UR-1] # NaN stays NaN for modules with no trained parameter
 
 # %% ../nbs/05_monitor.ipynb #da5ce04e
 @patch
@@ -264,7 +273,7 @@ def nbytes(self:ActivationMonitor):
 def after_fit(self:ActivationMonitor):
     "Remove the hooks, bring the history to the host and, distributed, combine this fit's records across ranks"
     if self._nest: self._nest -= 1; return
-    if self._started: self._to_trackers()
+    if self._started: self._to_trackers(); self._end = self._off+self.learn.train_iter
     fitted = self._started # a training fit that ended normally or was cancelled: every rank is here
     if self._engine is not None: self._engine.release(self.learn, self)
     self._exit()
@@ -284,7 +293,7 @@ def __getstate__(self:ActivationMonitor):
     "Pickle the settings; the history only with `keep_history`"
     d = {**self.__dict__, '_engine':None, '_held':None, '_open':False, '_snap':None, '_g':None, '_nan':None,
          '_posn':None, '_started':False, '_rec':False, '_nest':0, '_due':None}
-    if not self.keep_history: d.update(names=[], buf=None, hbuf=None, pos=None, k=0, stride=1, _off=0)
+    if not self.keep_history: d.update(names=[], buf=None, hbuf=None, pos=None, k=0, stride=1, _off=0, _end=0)
     return d
 
 @patch
@@ -292,7 +301,7 @@ def __setstate__(self:ActivationMonitor, d):
     "Unpickle; a monitor exported before a setting existed gets its default"
     d = dict(d)
     if 'learn' in d: d['_learn'] = d.pop('learn') # exported before `_Loops` kept it as `_learn`
-    self.__dict__.update(update_sample=16384); Callback.__setstate__(self, d)
+    self.__dict__.update(update_sample=16384, _end=0); Callback.__setstate__(self, d)
 
 # %% ../nbs/05_monitor.ipynb #ec85fea0
 @patch

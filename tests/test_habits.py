@@ -11,6 +11,7 @@ from fastai.callback.training import GradientAccumulation
 from fastai.callback.rnn import RNNCallback
 from fastai.callback.core import FetchPredsCallback
 import fastai.callback.progress # `Learner.no_bar`, `no_logging`
+import fastai.callback.schedule # `Learner.fine_tune`
 from conftest import nan_batch
 from deepstable_fastai.data import digits_dls
 from deepstable_fastai.monitor import ActivationMonitor
@@ -180,3 +181,47 @@ def test_backed_off_lr_does_not_compound():
     g = ExplosionGuard('rollback', lr_recover=0); log = LRs(); learn = learner([g])
     fit(learn, 1, 1e-2, cbs=[nan_batch(3), CancelAfterGuard(), log])
     assert log.lrs=={1e-2, 5e-3} and learn.opt.hypers[0]['lr']==1e-2, log.lrs
+
+class FirstFitNaN(Callback):
+    "Make sample 0 of training batch 5 NaN in the first fit only; note the training loader's length after each"
+    order = -20
+    def __init__(self): self.fits,self.lens = 0,[]
+    def before_fit(self): self.fits += 1
+    def before_batch(self):
+        if self.training and self.fits==1 and self.train_iter==5:
+            x = self.xb[0].clone(); x[0] = float('nan'); self.learn.xb = (x,)
+    def after_train(self): self.lens.append(len(self.dl.get_idxs()))
+
+@pytest.mark.usefixtures('kernel')
+def test_fine_tune_is_one_run():
+    "The unfrozen fit of a `fine_tune` goes on from the frozen one: guard events, dropped samples, monitor history"
+    g,m = ExplosionGuard(verbose=False, drop_bad_samples=True),ActivationMonitor()
+    learn,c = learner([g, m]),FirstFitNaN()
+    n,N = len(learn.dls.train),len(learn.dls.train.get_idxs())
+    with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
+        warnings.simplefilter('ignore'); learn.fine_tune(1, 1e-3, cbs=c)
+    assert [(e['train_iter'], e['kind']) for e in g.events]==[(5, 'nonfinite_act')], g.events
+    assert len(g.bad_samples)==1 and c.lens==[N-1, N-1] # still left out in the unfrozen fit
+    assert m.steps.tolist()==list(range(2*n)) and hooks(learn.model)==0
+    with learn.no_bar(), learn.no_logging(): learn.fine_tune(1, 1e-3) # a new call: a new run
+    assert g.events==[] and m.steps.tolist()==list(range(2*n))
+    fit(learn, 1, 1e-3)
+    assert m.steps.tolist()==list(range(n)) and len(learn.dls.train.get_idxs())==N
+
+class NaNAt(Callback):
+    "Make the inputs of training batches `at` all NaN"
+    order = -20
+    def __init__(self, *at): self.at = at
+    def before_batch(self):
+        if self.training and self.train_iter in self.at: self.learn.xb = (self.xb[0].clone().fill_(float('nan')),)
+
+@pytest.mark.usefixtures('kernel')
+@pytest.mark.parametrize('action', ['skip', 'rollback'])
+def test_cancelled_step_update_ratio(action):
+    "A step the guard cancels has an update ratio of 0 (fastai still calls `after_step`): a rollback is no update"
+    g,m = ExplosionGuard(action, snapshot_every=10, verbose=False),ActivationMonitor(update_every=1)
+    learn = learner([g, m])
+    fit(learn, 1, 1e-2, cbs=NaNAt(15, 16)) # the second bad batch in a row rolls back to the snapshot of step 10
+    assert [e['train_iter'] for e in g.events]==[15, 16]
+    r = m.values('update_ratio'); r = r[:, r[0].isfinite()] # modules with parameters
+    assert r.shape[1]==3 and (r[[15,16]]==0).all() and r[:15].isfinite().all() and r[17:].isfinite().all(), r[:,-1]
