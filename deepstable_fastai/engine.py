@@ -206,10 +206,10 @@ def fit_running(learn, code=_DO_FIT):
     return False
 
 def _tune_call(learn):
-    "`(frame id, instruction)` of `learn.fine_tune` on the call stack, or `None`: each of its fits has its own"
+    "`(frame id, code, instruction)` of `learn.fine_tune` on the call stack, or `None`: each of its fits has its own"
     f = sys._getframe(1)
     while f is not None:
-        if f.f_code.co_name=='fine_tune' and f.f_locals.get('self') is learn: return id(f),f.f_lasti
+        if f.f_code.co_name=='fine_tune' and f.f_locals.get('self') is learn: return id(f),f.f_code,f.f_lasti
         f = f.f_back
 
 # %% ../nbs/02_engine.ipynb #e96b36d6
@@ -544,7 +544,7 @@ def _close(self:StatsEngine):
 class _Loops:
     "Mixin for a `Callback` that uses the engine: nested and stale fastai loops, and the engine held through them"
     _open,_nest,_on,_held = False,0,False,None # class defaults: also those of a callback pickled before them
-    _tune,_cont = None,False
+    _tune,_cont,_ran = None,False,False # see `_later`
     @property
     def learn(self): return self.__dict__.get('_learn')
     @learn.setter
@@ -560,12 +560,14 @@ class _Loops:
         if self._open: self._nest += 1; return
         self._open,self._on,self._nest = True,training_fit(self.learn),0
         if self._on: self._later()
+        else: self._cont = False
         self._held = StatsEngine.hold(self.learn, self, ddp_modules(self.learn.model, self.modules))
 
     def _later(self):
-        "Set `_cont`: this fit is a later one of the `fine_tune` call that ran this callback's last fit"
+        "Set `_cont`: this fit is a later one of the `fine_tune` call whose last fit this callback trained in"
         t,p = _tune_call(self.learn),self._tune # a later call site in the same frame; a new call starts again
-        self._tune,self._cont = t,t is not None and p is not None and t[0]==p[0] and t[1]>p[1]
+        self._tune,self._cont = t,self._ran and t is not None and p is not None and t[:2]==p[:2] and t[2]>p[2]
+        self._ran = False # until the callback's `_start`: a fit that trained no batch (`freeze_epochs=0`) is no run
 
     def _exit(self):
         "Close the loop: release the engine held since `_enter`, if the fit did not take it"

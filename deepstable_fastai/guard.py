@@ -76,7 +76,7 @@ class ExplosionGuard(_Loops, Callback):
     # after fastai's MixedPrecision (order 10), written as a number: importing it adds ProgressCallback everywhere
     order,run_valid = 10.5,False
     __reduce_ex__ = pkg_reduce_ex # loading an export without this package says so
-    _off = _end = 0 # training batches of the earlier fits of this `fine_tune`: `train_iter` counts on
+    _off = _end = _last = 0 # training batches of the earlier fits of this `fine_tune`: `train_iter` counts on
     _stateattrs = ('_engine','_held','_open','_nest','_on','_fit','_snaps','_base','_pend') # a loop's: not pickled
     def __init__(self, action:str='skip', # What to do on an explosion: 'warn', 'skip', 'rollback' or 'stop'
                  act_factor:float=100., # A module output std above this times its running baseline is exploding
@@ -368,7 +368,11 @@ def before_fit(self:ExplosionGuard):
 @patch
 def before_train(self:ExplosionGuard):
     "On the first training epoch of a fit, hook the model and take the first snapshot"
-    if self._on and self._engine is None: self._start()
+    if not self._on or self._engine is not None: return
+    if self._cont and self.stop_reason: # 'stop' ends the run: the unfrozen fit of a stopped `fine_tune` too
+        if self.verbose: self._log('ExplosionGuard: an earlier fit of this fine_tune was stopped: not training')
+        raise CancelFitException()
+    self._start()
 
 # %% ../nbs/06_guard.ipynb #6345d48c
 @patch
@@ -376,8 +380,8 @@ def _start(self:ExplosionGuard):
     lrn = self.learn
     self._engine,self._held = StatsEngine.acquire(lrn, self, ddp_modules(lrn.model, self.modules)),None # see `hold`
     if self._cont: self._off = self._end # a later fit of the same `fine_tune`: its events go on
-    else: self._off,self.events,self.skipped,self._flights,self.bad_samples = 0,[],[],[],[]
-    self.lr_scale,self.stop_reason = 1.,None
+    else: self._off,self.events,self.skipped,self._flights,self.bad_samples,self.stop_reason = 0,[],[],[],[],None
+    self.lr_scale,self._ran,self._last = 1.,True,self._off # see `_Loops._later`
     dev = next(lrn.model.parameters()).device
     self._fit = _FitState(self, [(n,p) for n,p in lrn.model.named_parameters() if p.requires_grad])
     self._base = _Baselines(len(self._engine), self.grad_window, self.grad_warmup, dev)
@@ -408,7 +412,7 @@ def after_fit(self:ExplosionGuard):
     if ps and not torch.stack(torch._foreach_norm(ps, float('inf'))).isfinite().all().item(): # max |x| is finite?
         self._snaps.restore()
         self._record('nonfinite_weights', 'model', float('nan'), None, 'restore')
-    self._end = self._off+self.learn.train_iter
+    self._end = self._last # not `train_iter`, which a loop nested in the fit sets back to 0
     self.remove()
 
 # %% ../nbs/06_guard.ipynb #730cb2a5
@@ -466,6 +470,7 @@ def before_batch(self:ExplosionGuard):
     "Leave out a batch of a skipped data window; else ask the engine to record this batch"
     if self._engine is None: return
     f,p = self._fit,self._pend
+    self._last = self._off+self.learn.train_iter+1
     if f.skip_left: # `yb=()`: the recorder and the metrics leave the batch out
         f.skip_left -= 1; self.skipped.append(self._off+self.learn.train_iter); self.learn.yb = ()
         raise CancelBatchException()

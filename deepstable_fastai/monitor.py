@@ -93,6 +93,7 @@ def _start(self:ActivationMonitor):
     self._posn = self.pos.numpy() # a view of `pos`, made once: `after_batch` writes its row with no op and no sync
     self._started,self._count,self._nan = True,0,torch.full((len(names), len(GRAD_STATS)), float('nan'), device=dev)
     self._snap,self._due = None,None # the update sample, made at the first update batch
+    self._ran,self._last = True,self._off # see `_Loops._later`; `_last`: past the last training batch so far
 
 _NCOL = len(MONITOR_STATS)+1 # and the elements behind each record's statistics, for the merge across ranks
 _UR = MONITOR_STATS.index('update_ratio') # after the weight norm
@@ -119,6 +120,7 @@ def before_batch(self:ActivationMonitor):
     self._upd = self._rec and L.training and c%(self.stride*self.update_every)==0
     if ok: self._count += 1
     self._engine.begin(batch_key(L), want=self._rec, hist=self.with_hist)
+    if L.training: self._last = self._off+L.train_iter+1 # counted here: `train_iter` is reset by a nested loop
     if self._rec: self._g,self._where = None,(self._off+L.train_iter, L.epoch, L.iter, int(L.training))
 
 # %% ../nbs/05_monitor.ipynb #e6b6d62c
@@ -273,7 +275,7 @@ def nbytes(self:ActivationMonitor):
 def after_fit(self:ActivationMonitor):
     "Remove the hooks, bring the history to the host and, distributed, combine this fit's records across ranks"
     if self._nest: self._nest -= 1; return
-    if self._started: self._to_trackers(); self._end = self._off+self.learn.train_iter
+    if self._started: self._to_trackers(); self._end = self._last
     fitted = self._started # a training fit that ended normally or was cancelled: every rank is here
     if self._engine is not None: self._engine.release(self.learn, self)
     self._exit()

@@ -225,3 +225,29 @@ def test_cancelled_step_update_ratio(action):
     assert [e['train_iter'] for e in g.events]==[15, 16]
     r = m.values('update_ratio'); r = r[:, r[0].isfinite()] # modules with parameters
     assert r.shape[1]==3 and (r[[15,16]]==0).all() and r[:15].isfinite().all() and r[17:].isfinite().all(), r[:,-1]
+
+class PredsAtEpochEnd(Callback):
+    "Run `get_preds` at the end of each epoch, a loop nested in the fit (fastai sets `train_iter` back to 0 in it)"
+    order = 60
+    def after_epoch(self):
+        if not hasattr(self.learn, 'gather_preds'): self.learn.get_preds(dl=self.dls.valid)
+
+def tune(learn, *a, **k):
+    with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
+        warnings.simplefilter('ignore'); learn.fine_tune(*a, **k)
+
+@pytest.mark.usefixtures('kernel')
+def test_fine_tune_run_edges():
+    "Counting on through a nested loop; a `fine_tune` with no frozen epoch is a new run; a 'stop' stops the run"
+    g,m = ExplosionGuard(verbose=False),ActivationMonitor(every=2)
+    learn = learner([g, m]); n = len(learn.dls.train)
+    tune(learn, 1, 1e-3, cbs=[NaNAt(3), PredsAtEpochEnd()])
+    assert [e['train_iter'] for e in g.events]==[3, n+3] and m.steps.tolist()==list(range(0, 2*n, 2))
+    tune(learn, 1, 1e-3, freeze_epochs=0) # the frozen fit trains nothing: no run to continue
+    assert g.events==[] and m.steps.tolist()==list(range(0, n, 2))
+    g.action = 'stop'
+    tune(learn, 1, 1e-3, cbs=NaNAt(3))
+    assert [(e['train_iter'], e['action'][:4]) for e in g.events]==[(3, 'stop')] and g.stop_reason
+    assert m.steps.tolist()==[0, 2] and learn.train_iter==0 and hooks(learn.model)==0 # the unfrozen fit did not train
+    fit(learn, 1, 1e-3)
+    assert g.events==[] and g.stop_reason is None and m.steps.tolist()==list(range(0, n, 2))
