@@ -559,6 +559,8 @@ def _act_on(self:ExplosionGuard, R):
     snaps.pending = None
     if deep: snaps.restore()
     else: snaps.restore_bufs()
+    # a stateful model (fastai's RNNs, declared by `ModelResetter`) carries the bad batch's hidden state forward
+    if getattr(self.learn, 'model_resetter', None) is not None: self.learn.model.reset()
     if a=='skip': f.skips.append(self.learn.train_iter); raise CancelStepException()
     if a=='rollback':
         f.rollbacks,f.skip_left = f.rollbacks+1,self.skip_batches

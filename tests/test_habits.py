@@ -251,3 +251,33 @@ def test_fine_tune_run_edges():
     assert m.steps.tolist()==[0, 2] and learn.train_iter==0 and hooks(learn.model)==0 # the unfrozen fit did not train
     fit(learn, 1, 1e-3)
     assert g.events==[] and g.stop_reason is None and m.steps.tolist()==list(range(0, n, 2))
+
+class NaNOut(Callback):
+    "Make the output of `model[0].encoder_dp` (AWD-LSTM's embedding) NaN at training batch `n`"
+    order = -20
+    def __init__(self, n): self.n = n
+    def before_fit(self):
+        def f(m, i, o):
+            if self.learn.training and self.learn.train_iter==self.n: return o*float('nan')
+        self.h = self.learn.model[0].encoder_dp.register_forward_hook(f)
+    def after_fit(self): self.h.remove()
+
+@pytest.mark.usefixtures('kernel')
+@pytest.mark.parametrize('resetter', [True, False])
+def test_stateful_model_reset_after_a_bad_batch(resetter):
+    "With `ModelResetter`, a skipped batch's NaN hidden state (AWD-LSTM) is reset, not carried into later batches"
+    from fastai.data.core import DataLoaders
+    from fastai.text.data import LMDataLoader
+    from fastai.text.models.awdlstm import AWD_LSTM, awd_lstm_lm_config
+    from fastai.text.models.core import get_language_model
+    from fastai.callback.rnn import ModelResetter
+    set_seed(0)
+    toks = [torch.randint(0, 30, (500,)) for _ in range(4)]
+    dls = DataLoaders(*(LMDataLoader(t, bs=4, seq_len=10) for t in (toks, toks[:1])))
+    m = get_language_model(AWD_LSTM, 30, config={**awd_lstm_lm_config, 'emb_sz':16, 'n_hid':32, 'n_layers':2})
+    g = ExplosionGuard(verbose=False, max_skips=100)
+    learn = Learner(dls, m, loss_func=CrossEntropyLossFlat(),
+                    cbs=[*([ModelResetter()] if resetter else []), RNNCallback(), g, NaNOut(5)])
+    fit(learn, 1, 1e-3)
+    n = len(dls.train)
+    assert n>10 and [e['train_iter'] for e in g.events]==([5] if resetter else list(range(5, n))), g.events
