@@ -11,10 +11,11 @@ from contextlib import nullcontext
 from functools import partial
 from typing import NamedTuple
 from collections import deque
-from fastcore.basics import patch, store_attr, ifnone, listify, first
+from fastcore.basics import patch, store_attr, ifnone, listify, first, noop
 from copy import deepcopy
 from types import MethodType
 from fastai.learner import Learner
+from fastai.torch_core import get_model
 from fastai.callback.core import Callback, CancelStepException, CancelFitException, CancelBatchException
 from .stats import STATS, act_types, compiled, kernel_path
 from .engine import StatsEngine, _Loops, batch_key, fit_running, _upload, _cache, _int, _positive_int, _number
@@ -560,7 +561,7 @@ def _act_on(self:ExplosionGuard, R):
     if deep: snaps.restore()
     else: snaps.restore_bufs()
     # a stateful model (fastai's RNNs, declared by `ModelResetter`) carries the bad batch's hidden state forward
-    if getattr(self.learn, 'model_resetter', None) is not None: self.learn.model.reset()
+    if getattr(self.learn, 'model_resetter', None) is not None: getattr(get_model(self.learn.model), 'reset', noop)()
     if a=='skip': f.skips.append(self.learn.train_iter); raise CancelStepException()
     if a=='rollback':
         f.rollbacks,f.skip_left = f.rollbacks+1,self.skip_batches

@@ -49,13 +49,13 @@ class Body(nn.Module):
     def forward(self, x): h = self.body(x); return self.head(h),[h],[h]
 
 class NaNInside(Callback):
-    "Make `body[3]`'s output NaN at training batch `n`"
+    "Make the output of the model's submodule `mod` (default `body[3]`) NaN at training batch `n`"
     order = -20
-    def __init__(self, n): self.n = n
+    def __init__(self, n, mod='body.3'): self.n,self.mod = n,mod
     def before_fit(self):
         def f(m, i, o):
             if self.learn.training and self.learn.train_iter==self.n: return o*float('nan')
-        self.h = self.learn.model.body[3].register_forward_hook(f)
+        self.h = self.learn.model.get_submodule(self.mod).register_forward_hook(f)
     def after_fit(self): self.h.remove()
 
 @pytest.mark.usefixtures('kernel')
@@ -252,16 +252,6 @@ def test_fine_tune_run_edges():
     fit(learn, 1, 1e-3)
     assert g.events==[] and g.stop_reason is None and m.steps.tolist()==list(range(0, n, 2))
 
-class NaNOut(Callback):
-    "Make the output of `model[0].encoder_dp` (AWD-LSTM's embedding) NaN at training batch `n`"
-    order = -20
-    def __init__(self, n): self.n = n
-    def before_fit(self):
-        def f(m, i, o):
-            if self.learn.training and self.learn.train_iter==self.n: return o*float('nan')
-        self.h = self.learn.model[0].encoder_dp.register_forward_hook(f)
-    def after_fit(self): self.h.remove()
-
 @pytest.mark.usefixtures('kernel')
 @pytest.mark.parametrize('resetter', [True, False])
 def test_stateful_model_reset_after_a_bad_batch(resetter):
@@ -277,7 +267,7 @@ def test_stateful_model_reset_after_a_bad_batch(resetter):
     m = get_language_model(AWD_LSTM, 30, config={**awd_lstm_lm_config, 'emb_sz':16, 'n_hid':32, 'n_layers':2})
     g = ExplosionGuard(verbose=False, max_skips=100)
     learn = Learner(dls, m, loss_func=CrossEntropyLossFlat(),
-                    cbs=[*([ModelResetter()] if resetter else []), RNNCallback(), g, NaNOut(5)])
+                    cbs=[*([ModelResetter()] if resetter else []), RNNCallback(), g, NaNInside(5, '0.encoder_dp')])
     fit(learn, 1, 1e-3)
     n = len(dls.train)
     assert n>10 and [e['train_iter'] for e in g.events]==([5] if resetter else list(range(5, n))), g.events
