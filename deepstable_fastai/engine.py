@@ -206,10 +206,10 @@ def fit_running(learn, code=_DO_FIT):
     return False
 
 def _tune_call(learn):
-    "`(frame id, code, instruction)` of `learn.fine_tune` on the call stack, or `None`: each of its fits has its own"
+    "`(frame id, code id, instruction)` of `learn.fine_tune` on the call stack, or `None`: each of its fits has its own"
     f = sys._getframe(1)
     while f is not None:
-        if f.f_code.co_name=='fine_tune' and f.f_locals.get('self') is learn: return id(f),f.f_code,f.f_lasti
+        if f.f_code.co_name=='fine_tune' and f.f_locals.get('self') is learn: return id(f),id(f.f_code),f.f_lasti
         f = f.f_back
 
 # %% ../nbs/02_engine.ipynb #e96b36d6

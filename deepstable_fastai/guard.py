@@ -78,7 +78,7 @@ class ExplosionGuard(_Loops, Callback):
     order,run_valid = 10.5,False
     __reduce_ex__ = pkg_reduce_ex # loading an export without this package says so
     _off = _end = _last = 0 # training batches of the earlier fits of this `fine_tune`: `train_iter` counts on
-    _stateattrs = ('_engine','_held','_open','_nest','_on','_fit','_snaps','_base','_pend') # a loop's: not pickled
+    _stateattrs = ('_engine','_held','_open','_nest','_on','_fit','_snaps','_base','_pend','_tune','_ran') # not pickled
     def __init__(self, action:str='skip', # What to do on an explosion: 'warn', 'skip', 'rollback' or 'stop'
                  act_factor:float=100., # A module output std above this times its running baseline is exploding
                  std_max:float=1e6, # Backstop: a module output std above this is exploding, whatever its baseline

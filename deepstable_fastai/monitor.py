@@ -294,7 +294,8 @@ def remove(self:ActivationMonitor):
 def __getstate__(self:ActivationMonitor):
     "Pickle the settings; the history only with `keep_history`"
     d = {**self.__dict__, '_engine':None, '_held':None, '_open':False, '_snap':None, '_g':None, '_nan':None,
-         '_posn':None, '_started':False, '_rec':False, '_nest':0, '_due':None}
+         '_posn':None, '_started':False, '_rec':False, '_nest':0, '_due':None,
+         '_tune':None, '_ran':False}
     if not self.keep_history: d.update(names=[], buf=None, hbuf=None, pos=None, k=0, stride=1, _off=0, _end=0)
     return d
 

@@ -1,7 +1,7 @@
 """fastai habits that broke the monitor or the guard (a review's sweep of fastai's entry points, 2026-12-02): a fit
 after a 'stop', a model whose output a callback reshapes before the loss (`RNNCallback`), an lr set by the next `fit`
 after an interrupted rollback, `GradientAccumulation`, prediction loops nested in a fit, and bad arguments."""
-import warnings
+import pickle, warnings
 import numpy as np, pytest, torch, torch.nn as nn
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
@@ -203,6 +203,7 @@ def test_fine_tune_is_one_run():
     assert [(e['train_iter'], e['kind']) for e in g.events]==[(5, 'nonfinite_act')], g.events
     assert len(g.bad_samples)==1 and c.lens==[N-1, N-1] # still left out in the unfrozen fit
     assert m.steps.tolist()==list(range(2*n)) and hooks(learn.model)==0
+    for cb in (g, m): assert pickle.loads(pickle.dumps(cb))._tune is None # the run's frame is not pickled
     with learn.no_bar(), learn.no_logging(): learn.fine_tune(1, 1e-3) # a new call: a new run
     assert g.events==[] and m.steps.tolist()==list(range(2*n))
     fit(learn, 1, 1e-3)
