@@ -16,6 +16,7 @@ from copy import deepcopy
 from types import MethodType
 from fastai.learner import Learner
 from fastai.torch_core import get_model
+from fastai.data.load import DataLoader
 from fastai.callback.core import Callback, CancelStepException, CancelFitException, CancelBatchException
 from .stats import STATS, act_types, compiled, kernel_path
 from .engine import StatsEngine, _Loops, batch_key, fit_running, _upload, _cache, _int, _positive_int, _number
@@ -530,6 +531,16 @@ def _good(self:ExplosionGuard, promote=True):
         self.learn.opt.set_hypers(lr=[lr*self.lr_scale for lr in f.saved_lr])
 
 # %% ../nbs/06_guard.ipynb #25ebec5d
+def _resets(learn):
+    "Does `learn` reset its model each epoch (a `ModelResetter`: fastai's text learners), a model with state?"
+    rnn = sys.modules.get('fastai.callback.rnn') # not imported: no `ModelResetter` anywhere
+    return rnn is not None and any(isinstance(c, rnn.ModelResetter) for c in learn.cbs)
+
+@patch
+def _reset(self:ExplosionGuard):
+    "Reset a model with state between batches (an RNN's hidden state), as `ModelResetter` does at each epoch"
+    if _resets(self.learn): getattr(get_model(self.learn.model), 'reset', noop)()
+
 @patch
 def _escalate(self:ExplosionGuard):
     "This bad batch's action and why it is not `action`: `'skip'` -> `'rollback'` -> `'stop'`"
@@ -560,8 +571,7 @@ def _act_on(self:ExplosionGuard, R):
     snaps.pending = None
     if deep: snaps.restore()
     else: snaps.restore_bufs()
-    # a stateful model (fastai's RNNs, declared by `ModelResetter`) carries the bad batch's hidden state forward
-    if getattr(self.learn, 'model_resetter', None) is not None: getattr(get_model(self.learn.model), 'reset', noop)()
+    self._reset() # a stateful model would carry the bad batch forward
     if a=='skip': f.skips.append(self.learn.train_iter); raise CancelStepException()
     if a=='rollback':
         f.rollbacks,f.skip_left = f.rollbacks+1,self.skip_batches
@@ -654,6 +664,7 @@ def _replay(self:ExplosionGuard):
     rng = torch.random.fork_rng(devices=[dev] if dev.type=='cuda' else [])
     with rng, _eager(), e.aside(('replay', lrn.train_iter, id(lrn.xb))):
         try:
+            self._reset() # from the state before any batch, not the one the bad batch left (an RNN's: NaN)
             with torch.no_grad(): out = m(*lrn.xb)
             try: loss = _loss(lrn, out, lrn.yb)
             except (RuntimeError, ValueError, IndexError, TypeError, AttributeError): loss = lrn.loss # `pred` reshaped
@@ -661,6 +672,7 @@ def _replay(self:ExplosionGuard):
         finally:
             for h in hs: h.remove()
             if saved: torch._foreach_copy_(self._snaps.bufs, saved)
+            self._reset()
     R = _rows(self._decide(torch.cat([rows, _leaf_row(rec, dev)[None]])), _FWD+('leaf',))
     return R,leaves,[r[0] for r in rec]
 
@@ -726,6 +738,7 @@ def _bisect(bad, n):
 
 def _dataset_idxs(dl, it, bs, pos):
     "Dataset indices of positions `pos` of batch `it` (of `bs` samples) of fastai `DataLoader` `dl`; None if unknown"
+    if getattr(type(dl), 'create_item', None) is not DataLoader.create_item: return None # items not `dataset[i]`: LM
     idxs,dbs = getattr(dl, '__dict__', {}).get('_DataLoader__idxs'),getattr(dl, 'bs', None) # this epoch's `get_idxs()`
     if not isinstance(idxs, list) or not isinstance(dbs, int) or bs>dbs: return None
     s = idxs[it*dbs:it*dbs+bs]
@@ -747,6 +760,7 @@ def _blame(self:ExplosionGuard):
         n[0] += 1; rec.clear()
         j = _upload(ix*2 if len(ix)==1 else ix, torch.long, t.device) # a sample alone runs twice: BatchNorm needs two
         try:
+            self._reset() # see `_replay`
             with torch.no_grad():
                 out = m(*[_take(o, j, bs) for o in xb])
                 nf = [(~o.isfinite()).any() for o in _floats(out)] + [r[1] for r in rec]
@@ -765,6 +779,7 @@ def _blame(self:ExplosionGuard):
             warnings.warn(f"ExplosionGuard: the samples of a non-finite batch could not be blamed: {e!r}"); return {}
         finally:
             for h in hs: h.remove()
+            self._reset()
     res = dict(positions=pos, samples=None, replays=n[0])
     if not pos: return res
     res['samples'] = ids = _dataset_idxs(lrn.dl, lrn.iter, bs, pos)
