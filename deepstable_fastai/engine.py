@@ -545,6 +545,7 @@ class _Loops:
     "Mixin for a `Callback` that uses the engine: nested and stale fastai loops, and the engine held through them"
     _open,_nest,_on,_held = False,0,False,None # class defaults: also those of a callback pickled before them
     _tune,_cont,_ran = None,False,False # see `_later`
+    _off = _end = _last = 0 # training batches of the run before this fit, after it so far, after its last fit
     @property
     def learn(self): return self.__dict__.get('_learn')
     @learn.setter
@@ -568,6 +569,10 @@ class _Loops:
         t,p = _tune_call(self.learn),self._tune # a later call site in the same frame; a new call starts again
         self._tune,self._cont = t,self._ran and t is not None and p is not None and t[:2]==p[:2] and t[2]>p[2]
         self._ran = False # until the callback's `_start`: a fit that trained no batch (`freeze_epochs=0`) is no run
+
+    def _run(self, off):
+        "At `_start`: this fit's batches count from `off` (`_end` when it continues a `fine_tune` run)"
+        self._off = self._last = off; self._ran = True # per training batch: `_last = _off+train_iter+1`
 
     def _exit(self):
         "Close the loop: release the engine held since `_enter`, if the fit did not take it"

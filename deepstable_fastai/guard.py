@@ -78,7 +78,6 @@ class ExplosionGuard(_Loops, Callback):
     # after fastai's MixedPrecision (order 10), written as a number: importing it adds ProgressCallback everywhere
     order,run_valid = 10.5,False
     __reduce_ex__ = pkg_reduce_ex # loading an export without this package says so
-    _off = _end = _last = 0 # training batches of the earlier fits of this `fine_tune`: `train_iter` counts on
     _stateattrs = ('_engine','_held','_open','_nest','_on','_fit','_snaps','_base','_pend','_tune','_ran') # not pickled
     def __init__(self, action:str='skip', # What to do on an explosion: 'warn', 'skip', 'rollback' or 'stop'
                  act_factor:float=100., # A module output std above this times its running baseline is exploding
@@ -381,9 +380,9 @@ def before_train(self:ExplosionGuard):
 def _start(self:ExplosionGuard):
     lrn = self.learn
     self._engine,self._held = StatsEngine.acquire(lrn, self, ddp_modules(lrn.model, self.modules)),None # see `hold`
-    if self._cont: self._off = self._end # a later fit of the same `fine_tune`: its events go on
-    else: self._off,self.events,self.skipped,self._flights,self.bad_samples,self.stop_reason = 0,[],[],[],[],None
-    self.lr_scale,self._ran,self._last = 1.,True,self._off # see `_Loops._later`
+    self._run(self._end if self._cont else 0) # a later fit of the same `fine_tune`: its events go on
+    if not self._cont: self.events,self.skipped,self._flights,self.bad_samples,self.stop_reason = [],[],[],[],None
+    self.lr_scale = 1.
     dev = next(lrn.model.parameters()).device
     self._fit = _FitState(self, [(n,p) for n,p in lrn.model.named_parameters() if p.requires_grad])
     self._base = _Baselines(len(self._engine), self.grad_window, self.grad_warmup, dev)

@@ -58,7 +58,7 @@ class ActivationMonitor(_Loops, Callback):
                              f"to tell `bins` bins apart, got {hist_range!r}")
         store_attr(but='modules')
         self.modules,self.names,self.buf,self.hbuf,self.pos = modules,[],None,None,None
-        self.k,self.stride,self._off,self._end = 0,1,0,0
+        self.k,self.stride,self._off = 0,1,0
         self._engine,self._on,self._started,self._rec,self._upd = None,False,False,False,False
         self._snap,self._g,self._posn,self._due = None,None,None,None
 
@@ -93,7 +93,7 @@ def _start(self:ActivationMonitor):
     self._posn = self.pos.numpy() # a view of `pos`, made once: `after_batch` writes its row with no op and no sync
     self._started,self._count,self._nan = True,0,torch.full((len(names), len(GRAD_STATS)), float('nan'), device=dev)
     self._snap,self._due = None,None # the update sample, made at the first update batch
-    self._ran,self._last = True,self._off # see `_Loops._later`; `_last`: past the last training batch so far
+    self._run(self._off) # see `_Loops`
 
 _NCOL = len(MONITOR_STATS)+1 # and the elements behind each record's statistics, for the merge across ranks
 _UR = MONITOR_STATS.index('update_ratio') # after the weight norm
@@ -304,7 +304,7 @@ def __setstate__(self:ActivationMonitor, d):
     "Unpickle; a monitor exported before a setting existed gets its default"
     d = dict(d)
     if 'learn' in d: d['_learn'] = d.pop('learn') # exported before `_Loops` kept it as `_learn`
-    self.__dict__.update(update_sample=16384, _end=0); Callback.__setstate__(self, d)
+    self.__dict__.update(update_sample=16384); Callback.__setstate__(self, d)
 
 # %% ../nbs/05_monitor.ipynb #ec85fea0
 @patch
