@@ -199,9 +199,9 @@ def training_fit(learn):
 _DO_FIT = Learner._do_fit.__code__
 def fit_running(learn, code=_DO_FIT):
     "True while `learn.fit`'s epochs of this learner (or the `Learner` method of `code`) are on the call stack"
-    f = sys._getframe(1)
+    f,n = sys._getframe(1),code.co_name # by name: a subclass of `Learner` may override the method
     while f is not None:
-        if f.f_code is code and f.f_locals.get('self') is learn: return True
+        if f.f_code.co_name==n and f.f_locals.get('self') is learn: return True
         f = f.f_back
     return False
 
@@ -541,18 +541,20 @@ def _close(self:StatsEngine):
     if self._fin is not None: self._fin.detach()
 
 # %% ../nbs/02_engine.ipynb #b7e1c2a7
+_PUT_BACK = Learner.removed_cbs.__wrapped__.__code__
+
 class _Loops:
     "Mixin for a `Callback` that uses the engine: nested and stale fastai loops, and the engine held through them"
     _open,_nest,_on,_held = False,0,False,None # class defaults: also those of a callback pickled before them
-    _tune,_cont,_ran = None,False,False # see `_later`
+    _tune,_cont,_ran,_fitted = None,False,False,False # see `_later`, `_stale`
     _off = _end = _last = 0 # training batches of the run before this fit, after it so far, after its last fit
     @property
     def learn(self): return self.__dict__.get('_learn')
     @learn.setter
     def learn(self, v):
-        # fastai sets `learn` to None when it removes a callback, also a per-call one whose loop raised; but
-        # `removed_cbs` in a running fit (`FetchPredsCallback`) puts it back: its fit goes on
-        if v is None and self.__dict__.get('_open') and not fit_running(self.learn): self.remove()
+        # fastai sets `learn` to None when it removes a callback (`remove_cb`, also in a running fit, and a per-call
+        # one whose loop raised); but `removed_cbs` (`FetchPredsCallback`, in a running fit) puts it back
+        if v is None and self.__dict__.get('_open') and not fit_running(self.learn, _PUT_BACK): self.remove()
         self.__dict__['_learn'] = v
 
     def _enter(self):
@@ -560,9 +562,15 @@ class _Loops:
         if self._open and not fit_running(self.learn): self.remove() # left open by a loop that raised
         if self._open: self._nest += 1; return
         self._open,self._on,self._nest = True,training_fit(self.learn),0
+        self._fitted = self._on and fit_running(self.learn, Learner.fit.__code__) # not `with learn:`, not by hand
         if self._on: self._later()
         else: self._cont = False
         self._held = StatsEngine.hold(self.learn, self, ddp_modules(self.learn.model, self.modules))
+
+    def _stale(self):
+        "At a batch with a fit's state: if that fit is over (it raised: a hand-run `one_batch`), close its loop"
+        if not self._fitted or not self._open or fit_running(self.learn): return False
+        self.remove(); return True
 
     def _later(self):
         "Set `_cont`: this fit is a later one of the `fine_tune` call whose last fit this callback trained in"

@@ -15,7 +15,7 @@ from fastcore.basics import patch, store_attr, ifnone, listify, first, noop
 from copy import deepcopy
 from types import MethodType
 from fastai.learner import Learner
-from fastai.torch_core import get_model
+from fastai.torch_core import get_model, to_float
 from fastai.data.load import DataLoader
 from fastai.callback.core import Callback, CancelStepException, CancelFitException, CancelBatchException
 from .stats import STATS, act_types, compiled, kernel_path
@@ -125,6 +125,10 @@ def _copy_into(dst, src):
     return src if isinstance(src,(int,float,bool,str,type(None))) else deepcopy(src)
 
 # %% ../nbs/06_guard.ipynb #a1c082b2
+def _finite(ts):
+    "Is each tensor of `ts` all finite? A bool tensor on their device, None for no tensors"
+    return torch.stack(torch._foreach_norm(ts, float('inf'))).isfinite() if ts else None
+
 class _Snapshots:
     "The trusted snapshot of `learn`'s model and optimizer, the one waiting to be trusted, the buffers before a batch"
     def __init__(self, learn):
@@ -132,6 +136,15 @@ class _Snapshots:
         self.bufs = list(learn.model.buffers())
         self.saved = [b.clone() for b in self.bufs]
         self.good = {**self.take(), 'iter':None} # the start of the fit
+        m = learn.model # `after_fit` checks those finite now, not an `-inf` mask buffer, say; read there (no sync here)
+        self.named = [*m.named_parameters(), *((n,b) for n,b in m.named_buffers() if b.is_floating_point())]
+        self.ok0 = _finite([t for _,t in self.named])
+
+    def check(self):
+        "Read once: did a tensor finite at the start of the fit become non-finite; names of parameters never finite"
+        if self.ok0 is None: return False,[]
+        v = torch.cat([(self.ok0 & ~_finite([t for _,t in self.named])).any().view(1), ~self.ok0]).tolist()
+        return v[0],[n for (n,t),b in zip(self.named, v[1:]) if b and isinstance(t, torch.nn.Parameter)]
 
     def take(self, dst=None):
         "Copy model and optimizer state into `dst` (buffers reused) and return it"
@@ -143,10 +156,12 @@ class _Snapshots:
         return dict(model=mb, opt=opt, iter=self.learn.train_iter)
 
     def restore(self, snap=None):
-        "Load `snap` (default: the trusted one) back into the model and the optimizer"
-        snap = ifnone(snap, self.good)
+        "Load `snap` (default: the trusted one) back into the model and the optimizer's state, keeping today's hypers"
+        snap,opt = ifnone(snap, self.good),self.learn.opt
         with torch.no_grad(): torch._foreach_copy_(list(self.learn.model.state_dict().values()), snap['model'])
-        self.learn.opt.load_state_dict(_copy_into(None, snap['opt']))
+        hp = [dict(h) for h in opt.hypers] # the schedule's, or `ReduceLROnPlateau`'s: not the snapshot's
+        opt.load_state_dict(_copy_into(None, snap['opt']))
+        for k in (hp[0] if hp else ()): opt.set_hyper(k, [h[k] for h in hp])
 
     def save_bufs(self):
         if self.bufs: torch._foreach_copy_(self.saved, self.bufs)
@@ -213,6 +228,8 @@ class _Pending:
         self.solo = True    # `fwd` holds this batch's rows alone
         self.seen = False   # Activation statistics were recorded since the last step
         self.decided = False
+        self.bwd = False    # This batch's backward ran (its gradients wait for a step)
+        self.prev = None    # `(fwd, seen)` before this batch: `after_cancel_batch` of a batch cancelled before backward
         self.std = None     # This batch's per-module output std, for the baseline
         self.loss = None    # This batch's mean loss, for the baseline
 
@@ -409,10 +426,12 @@ def after_fit(self:ExplosionGuard):
     "Never end a fit with non-finite weights: restore the last good snapshot if needed, then unhook"
     if self._nest: self._nest -= 1; return
     if self._engine is None: return self.remove() # the engine `_held` through a loop that trained nothing
-    ps = [*self.learn.model.parameters(), *(b for b in self.learn.model.buffers() if b.is_floating_point())]
-    if ps and not torch.stack(torch._foreach_norm(ps, float('inf'))).isfinite().all().item(): # max |x| is finite?
+    lost,bad = self._snaps.check() # the fit's second host read, with the verdicts'
+    if lost:
         self._snaps.restore()
         self._record('nonfinite_weights', 'model', float('nan'), None, 'restore')
+    if bad: warnings.warn(f"ExplosionGuard: parameters not finite since the start of the fit, which no snapshot can "
+                          f"mend: {', '.join(bad[:5])}{' ...' if len(bad)>5 else ''}")
     self._end = self._last # not `train_iter`, which a loop nested in the fit sets back to 0
     self.remove()
 
@@ -469,14 +488,15 @@ def flight(self:ExplosionGuard, ev=-1 # An event of `events`, or its index
 @patch
 def before_batch(self:ExplosionGuard):
     "Leave out a batch of a skipped data window; else ask the engine to record this batch"
-    if self._engine is None: return
+    if self._engine is None or self._stale(): return
     f,p = self._fit,self._pend
     self._last = self._off+self.learn.train_iter+1
     if f.skip_left: # `yb=()`: the recorder and the metrics leave the batch out
         f.skip_left -= 1; self.skipped.append(self._off+self.learn.train_iter); self.learn.yb = ()
+        if (a:=_amp(self.learn)) is not None: a.__exit__(None, None, None) # as `after_loss` would have
         raise CancelBatchException()
     self._engine.begin(batch_key(self.learn), want=f.nb%self.act_every==0)
-    p.decided,f.nb = False,f.nb+1
+    p.decided,p.bwd,p.cur,f.nb = False,False,None,f.nb+1
     if p.fwd is None: self._snaps.save_bufs() # at the first batch since the last step
 
 @patch
@@ -488,11 +508,16 @@ def after_loss(self:ExplosionGuard):
     rows,p.std,p.loss = self._fwd_checks(self.learn.loss)
     s = e.stats()
     if s is not None: self._fly(s)
+    p.prev = p.fwd,p.seen
     p.seen |= s is not None
     p.solo = p.fwd is None # the verdict's forward rows are this batch's alone
     p.fwd = rows if p.solo else torch.where(p.fwd[:,:1]>0, p.fwd, rows)
     p.cur = rows # its first row: this batch's own `nonfinite_act`
     e.end()
+
+@patch
+def after_backward(self:ExplosionGuard):
+    if self._engine is not None: self._pend.bwd = True
 
 @patch
 def _decide(self:ExplosionGuard, v):
@@ -593,9 +618,25 @@ def after_step(self:ExplosionGuard):
     if f.steps % f.every == 0: self._snaps.pending = self._snaps.take(self._snaps.spare)
 
 @patch
+def _undecided(self:ExplosionGuard, rows, solo):
+    "Act on the forward `rows` of batches that will not step, if they are bad (a host read, on this rare path)"
+    R = _rows(self._decide(rows), _FWD)
+    if not any(R[k].flag for k in ('nonfinite_act','nonfinite_loss','exploding_act')): return False
+    f,z = self._fit,Row(*[0.]*6)
+    f.solo,f.transient,f.origin,f.amp_run = solo,False,None,0
+    try: self._act_on({**R, 'nonfinite_grad':z, 'exploding_grad':z})
+    except CancelStepException: pass
+    return True
+
+@patch
 def after_cancel_batch(self:ExplosionGuard):
-    "A batch cancelled after the guard's `before_step` gets no `after_step`: undo the lr back-off here"
-    if self._engine is not None: self._lr_back()
+    "Undo the lr back-off (no `after_step` follows); judge a batch cancelled before its backward on its own"
+    if self._engine is None: return
+    self._lr_back()
+    p = self._pend
+    if p.decided or p.bwd or p.cur is None: return # decided; or its gradients wait for a step (`GradientAccumulation`)
+    rows,(p.fwd,p.seen) = p.cur,p.prev # a user's callback dropped it: not the next batch's business
+    self._undecided(rows, p.fwd is None)
 
 @patch
 def after_cancel_step(self:ExplosionGuard):
@@ -603,14 +644,8 @@ def after_cancel_step(self:ExplosionGuard):
     if self._engine is None: return
     f,p = self._fit,self._pend
     if p.decided or p.fwd is None: return
-    R = _rows(self._decide(p.fwd), _FWD)
-    f.solo = p.solo
-    p.fwd,p.seen = None,False
-    if any(R[k].flag for k in ('nonfinite_act','nonfinite_loss','exploding_act')):
-        f.amp_run,z = 0,Row(*[0.]*6)
-        try: self._act_on({**R, 'nonfinite_grad':z, 'exploding_grad':z})
-        except CancelStepException: pass
-        return
+    rows,solo,p.fwd,p.seen = p.fwd,p.solo,None,False
+    if self._undecided(rows, solo): return
     f.amp_run += 1
     if f.amp_run==10: self._record('amp_overflow', 'loss scale', float(f.amp_run), 10, 'warn')
 
@@ -646,6 +681,20 @@ def _leaf_row(rec, dev):
                       ib.any().float().view(1), _at(li, q), q.float()])
 
 # %% ../nbs/06_guard.ipynb #0b02621c
+def _amp(learn):
+    "The autocast of `learn`'s `MixedPrecision` callback (fastai's fp16 and bf16 training), or None"
+    fp16 = sys.modules.get('fastai.callback.fp16') # not imported: no `MixedPrecision` anywhere
+    cb = fp16 and first(c for c in learn.cbs if isinstance(c, fp16.MixedPrecision))
+    return getattr(cb, 'autocast', None)
+
+def _fwd(lrn, m, xb, yb):
+    "The output and loss (None if it cannot be computed) of model `m` on `xb`, as the fit runs it: under AMP's autocast"
+    a = _amp(lrn)
+    with ifnone(a, nullcontext()), torch.no_grad():
+        out = m(*xb)
+        try: return out,_loss(lrn, out if a is None else to_float(out), yb) # `MixedPrecision.after_pred`
+        except (RuntimeError, ValueError, IndexError, TypeError, AttributeError): return out,None # MixUp's `pred`
+
 def _loss(lrn, out, yb):
     "Loss of a replayed model output `out` as the fit takes it (of a tuple, the tensor shaped as `pred`: `RNNCallback`)"
     p = lrn.pred
@@ -664,10 +713,8 @@ def _replay(self:ExplosionGuard):
     with rng, _eager(), e.aside(('replay', lrn.train_iter, id(lrn.xb))):
         try:
             self._reset() # from the state before any batch, not the one the bad batch left (an RNN's: NaN)
-            with torch.no_grad(): out = m(*lrn.xb)
-            try: loss = _loss(lrn, out, lrn.yb)
-            except (RuntimeError, ValueError, IndexError, TypeError, AttributeError): loss = lrn.loss # `pred` reshaped
-            rows = self._fwd_checks(loss, count=False)[0]
+            out,loss = _fwd(lrn, m, lrn.xb, lrn.yb)
+            rows = self._fwd_checks(ifnone(loss, lrn.loss), count=False)[0]
         finally:
             for h in hs: h.remove()
             if saved: torch._foreach_copy_(self._snaps.bufs, saved)
@@ -760,11 +807,9 @@ def _blame(self:ExplosionGuard):
         j = _upload(ix*2 if len(ix)==1 else ix, torch.long, t.device) # a sample alone runs twice: BatchNorm needs two
         try:
             self._reset() # see `_replay`
-            with torch.no_grad():
-                out = m(*[_take(o, j, bs) for o in xb])
-                nf = [(~o.isfinite()).any() for o in _floats(out)] + [r[1] for r in rec]
-                try: nf.append((~_loss(lrn, out, [_take(o, j, bs) for o in yb]).detach().float().isfinite()).any())
-                except (RuntimeError, ValueError, IndexError, TypeError, AttributeError): pass # MixUp's: whole-batch
+            out,l = _fwd(lrn, m, [_take(o, j, bs) for o in xb], [_take(o, j, bs) for o in yb])
+            nf = [(~o.isfinite()).any() for o in _floats(out)] + [r[1] for r in rec]
+            if l is not None: nf.append((~l.detach().float().isfinite()).any()) # MixUp's loss: whole-batch only
         finally:
             if bufs: torch._foreach_copy_(bufs, saved)
         return bool(torch.stack(nf).any()) if nf else False # a host read per replay, on bad batches only
@@ -855,7 +900,7 @@ def _record(self:ExplosionGuard, kind, layer, value, threshold, action, ranks=No
 def _log(self:ExplosionGuard, msg):
     mbar = getattr(getattr(self.learn, 'progress', None), 'mbar', None)
     if mbar is not None: mbar.write(msg)
-    else: self.learn.logger(msg)
+    elif self.learn.logger is not noop: print(msg) # not `learn.logger`, which takes a row of values (`CSVLogger`)
 
 # %% ../nbs/06_guard.ipynb #7728fa5b
 _EVCOLS = ['epoch','iter','train_iter','kind','layer','pass','value','threshold','action']

@@ -110,7 +110,7 @@ def _alloc(self:ActivationMonitor, names, dev):
 @patch
 def before_batch(self:ActivationMonitor):
     "Decide whether this batch is recorded and tell the engine"
-    if not self._started: return
+    if not self._started or self._stale(): return
     L = self.learn # read the loop's state from the learner itself: a callback's attribute fallback is slow
     # not the batches of a loop nested in the fit (`validate`, or `get_preds`, which `FetchPredsCallback` runs with
     # no `before_fit`)

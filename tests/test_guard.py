@@ -119,12 +119,19 @@ def _stale(learn, ev, exc):
 def test_exception_in_every_event(ev, exc, tmp_path):
     "After a fit that raised in `ev`, each entry point leaves no hook, and the next fit works"
     stale = 0
-    for op in ('predict', 'get_preds', 'fit'):
+    for op in ('predict', 'get_preds', 'fit', 'one_batch'):
+        if op=='one_batch' and ev=='before_fit': continue # fastai's `Recorder` never started: it cannot run a batch
         learn = small(digits=op=='export', cbs=ExplosionGuard('rollback', verbose=False))
         with learn.no_bar(), learn.no_logging():
             _stale(learn, ev, exc)
             stale += hooks(learn)>0
             if op=='predict': learn.predict((torch.tensor([0.5]),))
+            if op=='one_batch': # run by hand, as fastai's tests do: no hook, no snapshot of the fit that raised meets it
+                w = [p.detach().clone() for p in learn.model.parameters()]
+                learn.epoch,learn.training,learn.dl,learn.n_iter = 0,True,learn.dls.train,len(learn.dls.train); learn.model.train()
+                learn.one_batch(0, learn.dls.train.one_batch())
+                assert hooks(learn)==0 and learn.explosion_guard._engine is None
+                assert not all(torch.equal(a, b) for a,b in zip(w, learn.model.parameters())) # its step was taken
             if op=='get_preds': learn.get_preds()
             if op=='fit': learn.fit(1, 1e-2); assert len(learn.recorder.losses)==len(learn.dls.train)
             assert hooks(learn)==0, op
@@ -132,7 +139,7 @@ def test_exception_in_every_event(ev, exc, tmp_path):
             assert hooks(learn)==0 and learn.explosion_guard._engine is None and learn.explosion_guard.events==[], op
     # a raise after the guard hooked the model (its `before_train` runs after the raiser's) and before its `after_fit`
     # leaves hooks until the next entry point: the test can fail
-    if EVENTS.index('before_batch') <= EVENTS.index(ev) < EVENTS.index('after_fit'): assert stale==3, stale
+    if EVENTS.index('before_batch') <= EVENTS.index(ev) < EVENTS.index('after_fit'): assert stale==4, stale
 
 @pytest.mark.parametrize('exc', [RuntimeError, KeyboardInterrupt])
 def test_export_after_exception(exc, tmp_path):

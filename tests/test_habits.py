@@ -1,4 +1,4 @@
-"""fastai habits that broke the monitor or the guard (a review's sweep of fastai's entry points, 2026-12-02): a fit
+"""fastai habits that broke the monitor or the guard (two reviews' sweeps of fastai's entry points, 2026-12-02): a fit
 after a 'stop', a model whose output a callback reshapes before the loss (`RNNCallback`), an lr set by the next `fit`
 after an interrupted rollback, `GradientAccumulation`, prediction loops nested in a fit, and bad arguments."""
 import pickle, warnings
@@ -288,3 +288,162 @@ def test_stateful_model_reset_after_a_bad_batch(resetter):
     evs = [(e['train_iter'], e.get('positions')) for e in g.events]
     if resetter is None: assert len(evs)>10, evs # the NaN state carried on
     else: assert evs==bad.at and all(p.isfinite().all() for p in learn.model.parameters()), (evs, bad.at)
+
+# Second sweep (2026-12-02, later): fastai's trackers and schedulers, its loggers, AMP, and models whose state
+# holds non-finite values on purpose.
+
+class NaNBatches(Callback):
+    "NaN inputs in training batches `its` of epoch `ep`"
+    order = -20
+    def __init__(self, ep, its): self.ep,self.its = ep,its
+    def before_batch(self):
+        if self.training and self.epoch==self.ep and self.iter in self.its:
+            self.learn.xb = (self.xb[0].clone().fill_(float('nan')),)
+
+class StepLRs(Callback):
+    order = 12 # after the guard's `before_step`: the lr the step takes
+    def before_fit(self): self.lrs = []
+    def before_step(self): self.lrs.append((self.epoch, self.opt.hypers[0]['lr']))
+
+@pytest.mark.parametrize('action', ['rollback', 'stop'])
+def test_restore_keeps_the_hypers_of_now(action):
+    "A rollback to the trusted snapshot, or a stop, puts back weights and optimizer state, not an older lr"
+    from fastai.callback.tracker import ReduceLROnPlateau
+    g,log = ExplosionGuard(action, lr_recover=0, verbose=False),StepLRs()
+    learn = learner([g])
+    # the lr is cut at the end of epochs 1 and 2; two bad batches in a row in epoch 2 roll back to a snapshot taken
+    # before the first cut
+    fit(learn, 4 if action=='rollback' else 3, 1e-2,
+        cbs=[ReduceLROnPlateau(patience=1, min_delta=10., factor=10.), NaNBatches(2, (1, 2)), log])
+    assert [e['action'] for e in g.events]==(['rollback', 'rollback'] if action=='rollback' else ['stop'])
+    assert g.events[-1]['message'].endswith('back to the state after batch 39') # epoch 1 (of 22), before the cut
+    if action=='rollback':
+        assert {round(lr, 8) for ep,lr in log.lrs if ep==2}=={1e-3, 5e-4} # the cut, then its back-off: not 1e-2
+        assert {round(lr, 8) for ep,lr in log.lrs if ep==3}=={5e-5}
+    assert learn.opt.hypers[0]['lr']==pytest.approx(1e-5 if action=='rollback' else 1e-3)
+
+class AttnMask(nn.Module):
+    "An additive attention mask (`-inf` above the diagonal) kept as a buffer, as `nn.Transformer`'s users do"
+    def __init__(self):
+        super().__init__(); self.lin = nn.Linear(8, 8); self.out = nn.Linear(64, 10)
+        self.register_buffer('mask', nn.Transformer.generate_square_subsequent_mask(8))
+    def forward(self, x):
+        x = x.view(-1, 8, 8)
+        a = (self.lin(x) @ x.transpose(1, 2) + self.mask).softmax(-1) @ x
+        return self.out(a.flatten(1))
+
+def test_minus_inf_buffer_is_not_a_failure():
+    "A fit of a model with an `-inf` mask buffer keeps its trained weights (it was restored to a snapshot)"
+    g = ExplosionGuard('skip', verbose=False); learn = learner([g], AttnMask())
+    w0 = learn.model.out.weight.detach().clone()
+    fit(learn, 1, 1e-2)
+    assert g.events==[] and not torch.equal(w0, learn.model.out.weight)
+    assert torch.isinf(learn.model.mask).sum()==28
+
+def test_nonfinite_parameter_at_the_start():
+    "A parameter that is not finite from the start (an unused NaN embedding row) is said once, and training is kept"
+    m = nn.Sequential(nn.Embedding(20, 4), nn.Flatten(), nn.Linear(4, 10))
+    with torch.no_grad(): m[0].weight[19] = float('nan') # no token 19 in the data
+    learn = Learner(digits_dls(flat=True, bs=64), m, loss_func=CrossEntropyLossFlat(),
+                    cbs=[ExplosionGuard(verbose=False)])
+    class Tokens(Callback):
+        order = -20
+        def before_batch(self): self.learn.xb = (self.xb[0][:, :1].long().clamp(0, 16),)
+    w0 = m[2].weight.detach().clone()
+    with learn.no_bar(), learn.no_logging(), warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always'); learn.fit(1, 1e-2, cbs=Tokens())
+    assert [str(o.message) for o in w if "not finite since the start" in str(o.message)]==[
+        "ExplosionGuard: parameters not finite since the start of the fit, which no snapshot can mend: 0.weight"]
+    assert learn.explosion_guard.events==[] and not torch.equal(w0, m[2].weight) # no restore threw the fit away
+
+class Remover(Callback):
+    def __init__(self, cb): self.cb = cb
+    def after_epoch(self):
+        if self.epoch==0: self.learn.remove_cb(self.cb)
+
+@pytest.mark.parametrize('cls', [ActivationMonitor, ExplosionGuard])
+def test_removed_in_a_running_fit(cls):
+    "`remove_cb` of our callback while a fit runs takes its hooks off"
+    cb = cls(); learn = learner([cb])
+    fit(learn, 2, 1e-2, cbs=Remover(cb))
+    assert cb not in learn.cbs and hooks(learn.model)==0 and cb._engine is None
+    assert '_stats_engine' not in learn.__dict__
+
+def test_messages_stay_out_of_the_csv_log(tmp_path):
+    "Without a progress bar the guard prints its messages: `learn.logger` takes rows of values (`CSVLogger`)"
+    import pandas as pd
+    from fastai.callback.progress import CSVLogger
+    learn = learner([ExplosionGuard(), CSVLogger(tmp_path/'h.csv')])
+    with learn.no_bar(): learn.fit(2, 1e-2, cbs=nan_batch(3))
+    assert len(learn.explosion_guard.events)==1 and len(pd.read_csv(tmp_path/'h.csv'))==2
+
+class DropNaNLoss(Callback):
+    "A user's own check: drop a batch whose loss is not finite, before its backward"
+    order = 20
+    def before_fit(self): self.dropped = []
+    def after_loss(self):
+        if self.training and not torch.isfinite(self.loss):
+            self.dropped.append(self.train_iter); raise CancelBatchException()
+
+@pytest.mark.parametrize('action', ['skip', 'stop'])
+def test_batch_cancelled_before_backward(action):
+    "A batch a user's callback cancels before backward is judged on its own, not with the next batch"
+    g,d = ExplosionGuard(action, verbose=False),DropNaNLoss()
+    learn = learner([g]); fit(learn, 1, 1e-2, cbs=[d, nan_batch(3)])
+    assert d.dropped==[3] and [(e['train_iter'], e['layer']) for e in g.events]==[(3, 'input')]
+    assert learn.train_iter==(len(learn.dls.train) if action=='skip' else 3)
+    assert all(t.isfinite().all() for t in learn.model.state_dict().values() if t.is_floating_point())
+
+def cpu_amp(dtype=torch.float16, **kw):
+    "fastai's `MixedPrecision` with the CPU's autocast and `GradScaler`"
+    from fastai.callback.fp16 import MixedPrecision
+    from torch.amp import GradScaler
+    class CPUMixedPrecision(MixedPrecision):
+        def before_fit(self):
+            self.autocast = torch.autocast('cpu', dtype=dtype)
+            self.learn.scaler,self.scales = GradScaler('cpu', enabled=dtype==torch.float16, **kw),[]
+    return CPUMixedPrecision()
+
+def test_skipped_batches_under_amp_leave_autocast_off():
+    "The guard leaves a batch out after `MixedPrecision` entered autocast for it: it leaves it again"
+    g = ExplosionGuard('rollback', skip_batches=3, verbose=False); learn = learner([cpu_amp(torch.bfloat16), g])
+    fit(learn, 1, 1e-2, cbs=nan_batch(5))
+    assert g.skipped==[6, 7, 8] and not torch.is_autocast_enabled('cpu')
+    assert learn.model(torch.randn(4, 1, 8, 8)).dtype==torch.float32
+
+class Big(Callback):
+    "Sample 3 of training batch 8 is finite in float32 and overflows float16 in the first Linear"
+    order = -20
+    def before_batch(self):
+        if self.training and self.train_iter==8: x = self.xb[0].clone(); x[3] = 3e5; self.learn.xb = (x,)
+
+def test_blame_under_amp():
+    "The replays that blame samples run under the fit's autocast: an fp16 overflow is reproduced"
+    g = ExplosionGuard('skip', drop_bad_samples=True, verbose=False); learn = learner([g, cpu_amp()])
+    fit(learn, 1, 1e-2, cbs=Big())
+    assert [(e['train_iter'], e['layer'], e['positions']) for e in g.events]==[(8, '1', [3])] and len(g.bad_samples)==1
+
+class BigGrad(Callback):
+    "A finite gradient spike at training batch 25 (no activation statistics there under `act_every=2`)"
+    order = 5
+    def after_loss(self):
+        if self.training and self.train_iter==25: self.learn.loss_grad = self.learn.loss_grad*1e3
+
+class BadTarget(Callback):
+    "Float targets, one NaN in training batch 26"
+    order = -30
+    def before_batch(self):
+        y = self.yb[0].float()
+        if self.training and self.train_iter==26: y = y.clone(); y[5] = float('nan')
+        self.learn.yb = (y,)
+
+def test_amp_cancelled_step_reads_no_older_replay():
+    "A NaN batch that AMP's scaler cancelled right after an event is not named from that event's replay"
+    import torch.nn.functional as F
+    g = ExplosionGuard('skip', verbose=False, act_every=2)
+    set_seed(0)
+    learn = Learner(digits_dls(size=8, bs=64), mlp(), loss_func=lambda o,y: F.mse_loss(o[:,0], y),
+                    cbs=[g, cpu_amp(init_scale=1.)])
+    fit(learn, 2, 1e-3, cbs=[BigGrad(), BadTarget()])
+    assert [(e['train_iter'], e['kind'], e['layer'], e.get('positions')) for e in g.events]==[
+        (25, 'exploding_grad', '4.weight', None), (26, 'nonfinite_loss', 'loss', [5])]

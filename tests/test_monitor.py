@@ -35,6 +35,9 @@ def interrupt_err(at, err, n=2):
 def then_fit(learn): learn.fit(1, cbs=stop_after(3))
 def then_preds(learn): learn.get_preds()
 def then_validate(learn): learn.validate() # `predict` enters through `get_preds`
+def then_one_batch(learn): # run by hand, as fastai's tests do, with no `before_fit`
+    learn.epoch,learn.training,learn.dl,learn.n_iter = 0,True,learn.dls.train,len(learn.dls.train); learn.model.train()
+    learn.one_batch(0, learn.dls.train.one_batch())
 def then_export(learn, tmp_path):
     from fastai.learner import load_learner
     learn.export(tmp_path/'m.pkl'); l2 = load_learner(tmp_path/'m.pkl')
@@ -46,7 +49,7 @@ def then_export(learn, tmp_path):
 EVENTS = ['before_batch', 'after_pred', 'after_loss', 'before_backward', 'after_backward', 'before_step', 'after_step',
           'after_batch']
 
-@pytest.mark.parametrize('then', ['fit', 'get_preds', 'validate', 'export'])
+@pytest.mark.parametrize('then', ['fit', 'get_preds', 'validate', 'export', 'one_batch'])
 @pytest.mark.parametrize('at', EVENTS)
 @pytest.mark.usefixtures('kernel')
 def test_exception_then_entry_point(at, then, tmp_path):
@@ -57,7 +60,7 @@ def test_exception_then_entry_point(at, then, tmp_path):
     mon = learn.activation_monitor
     with learn.no_bar(), learn.no_logging():
         if then=='export': then_export(learn, tmp_path)
-        else: dict(fit=then_fit, get_preds=then_preds, validate=then_validate)[then](learn)
+        else: dict(fit=then_fit, get_preds=then_preds, validate=then_validate, one_batch=then_one_batch)[then](learn)
     assert n_hooks(learn.model)==0 and '_stats_engine' not in learn.__dict__ and mon._engine is None and mon._snap is None
     assert mon.k==(3 if then=='fit' or at=='after_batch' else 2) # records of the fit that raised are kept
     with learn.no_bar(), learn.no_logging(): learn.fit(1, cbs=stop_after(3))   # usable afterwards
