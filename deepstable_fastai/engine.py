@@ -46,7 +46,7 @@ def find_modules(model:nn.Module, # The model to look into
             res.append((names[id(o)], o))
         else: raise ValueError(f"`modules` must hold modules or qualified names, got {type(o).__name__}")
     if not res: raise ValueError("`modules` is empty: pass None for the default selection")
-    return res
+    return list({id(m):(n,m) for n,m in reversed(res)}.values())[::-1] # a module named twice is hooked once
 
 # %% ../nbs/02_engine.ipynb #79cbb56a
 def _gone(*args): return None # what a pickled engine loads as
@@ -115,6 +115,7 @@ class StatsEngine:
     def __init__(self, model, modules=None, near_zero:float=1e-2):
         self.model,self.near_zero,self.handles,self.users,self._fin = model,near_zero,[],{},None
         self.check_inputs,self.key,self.active,self.hist_range = False,None,False,(-10.,10.,40)
+        self.hist_by = {} # `hist_range` of each user that asks for histograms: they must agree
         self.direct_min,self.stage_rows = 1<<17,1<<12 # outputs above 128K elements skip the 4M-element staging buffer
         self.raw = self.rhist = self.stage = self.path = None # `path`: None (automatic), 'cpp', 'staged' or 'direct'
         self.defer = True # staged outputs may wait for the end of the forward pass to be copied (see `_stage`)
@@ -548,6 +549,7 @@ class _Loops:
     _open,_nest,_on,_held = False,0,False,None # class defaults: also those of a callback pickled before them
     _tune,_cont,_ran,_fitted = None,False,False,False # see `_later`, `_stale`
     _off = _end = _last = 0 # training batches of the run before this fit, after it so far, after its last fit
+    _eoff = _eend = 0 # and its epochs before this fit, after its last fit
     @property
     def learn(self): return self.__dict__.get('_learn')
     @learn.setter
@@ -578,9 +580,13 @@ class _Loops:
         self._tune,self._cont = t,self._ran and t is not None and p is not None and t[:2]==p[:2] and t[2]>p[2]
         self._ran = False # until the callback's `_start`: a fit that trained no batch (`freeze_epochs=0`) is no run
 
-    def _run(self, off):
-        "At `_start`: this fit's batches count from `off` (`_end` when it continues a `fine_tune` run)"
-        self._off = self._last = off; self._ran = True # per training batch: `_last = _off+train_iter+1`
+    def _run(self, off, eoff):
+        "At `_start`: this fit's batches count from `off`, its epochs from `eoff` (a run that goes on: `_end`, `_eend`)"
+        self._off = self._last = off; self._eoff,self._ran = eoff,True # per training batch: `_last = _off+train_iter+1`
+
+    def _ended(self):
+        "At `after_fit` of a fit that trained: where the run got to"
+        self._end,self._eend = self._last,self._eoff+self.learn.epoch+1 # not `train_iter`, set back by a nested loop
 
     def _exit(self):
         "Close the loop: release the engine held since `_enter`, if the fit did not take it"

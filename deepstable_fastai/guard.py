@@ -129,6 +129,10 @@ def _finite(ts):
     "Is each tensor of `ts` all finite? A bool tensor on their device, None for no tensors"
     return torch.stack(torch._foreach_norm(ts, float('inf'))).isfinite() if ts else None
 
+def _named_floats(m):
+    "`{name: tensor}` of model `m`'s parameters and floating buffers that hold elements"
+    return {n:t for n,t in [*m.named_parameters(), *m.named_buffers()] if t.is_floating_point() and t.numel()}
+
 class _Snapshots:
     "The trusted snapshot of `learn`'s model and optimizer, the one waiting to be trusted, the buffers before a batch"
     def __init__(self, learn):
@@ -136,15 +140,17 @@ class _Snapshots:
         self.bufs = list(learn.model.buffers())
         self.saved = [b.clone() for b in self.bufs]
         self.good = {**self.take(), 'iter':None} # the start of the fit
-        m = learn.model # `after_fit` checks those finite now, not an `-inf` mask buffer, say; read there (no sync here)
-        self.named = [*m.named_parameters(), *((n,b) for n,b in m.named_buffers() if b.is_floating_point())]
-        self.ok0 = _finite([t for _,t in self.named])
+        ts = _named_floats(learn.model) # `after_fit` checks those finite now (not an `-inf` mask buffer), reads then
+        self.names,self.ok0 = list(ts),_finite(list(ts.values()))
 
     def check(self):
-        "Read once: did a tensor finite at the start of the fit become non-finite; names of parameters never finite"
+        "Read once: has a tensor finite at the start of the fit turned non-finite; the parameters never finite"
         if self.ok0 is None: return False,[]
-        v = torch.cat([(self.ok0 & ~_finite([t for _,t in self.named])).any().view(1), ~self.ok0]).tolist()
-        return v[0],[n for (n,t),b in zip(self.named, v[1:]) if b and isinstance(t, torch.nn.Parameter)]
+        m = self.learn.model
+        ts,z = _named_floats(m),self.ok0.new_zeros(1, dtype=torch.float32) # by name: `self.mu = ...` replaces a buffer
+        v = torch.cat([(self.ok0 & ~_finite([ts.get(n, z) for n in self.names])).any().view(1), ~self.ok0]).tolist()
+        ps = dict(m.named_parameters())
+        return v[0],[n for n,b in zip(self.names, v[1:]) if b and n in ps]
 
     def take(self, dst=None):
         "Copy model and optimizer state into `dst` (buffers reused) and return it"
@@ -397,7 +403,7 @@ def before_train(self:ExplosionGuard):
 def _start(self:ExplosionGuard):
     lrn = self.learn
     self._engine,self._held = StatsEngine.acquire(lrn, self, ddp_modules(lrn.model, self.modules)),None # see `hold`
-    self._run(self._end if self._cont else 0) # a later fit of the same `fine_tune`: its events go on
+    self._run(*((self._end,self._eend) if self._cont else (0,0))) # a later fit of the same `fine_tune`: events go on
     if not self._cont: self.events,self.skipped,self._flights,self.bad_samples,self.stop_reason = [],[],[],[],None
     self.lr_scale = 1.
     dev = next(lrn.model.parameters()).device
@@ -432,7 +438,7 @@ def after_fit(self:ExplosionGuard):
         self._record('nonfinite_weights', 'model', float('nan'), None, 'restore')
     if bad: warnings.warn(f"ExplosionGuard: parameters not finite since the start of the fit, which no snapshot can "
                           f"mend: {', '.join(bad[:5])}{' ...' if len(bad)>5 else ''}")
-    self._end = self._last # not `train_iter`, which a loop nested in the fit sets back to 0
+    self._ended()
     self.remove()
 
 # %% ../nbs/06_guard.ipynb #730cb2a5
@@ -623,9 +629,10 @@ def _undecided(self:ExplosionGuard, rows, solo):
     R = _rows(self._decide(rows), _FWD)
     if not any(R[k].flag for k in ('nonfinite_act','nonfinite_loss','exploding_act')): return False
     f,z = self._fit,Row(*[0.]*6)
-    f.solo,f.transient,f.origin,f.amp_run = solo,False,None,0
+    f.solo,f.transient,f.origin,f.amp_run,n = solo,False,None,0,f.rollbacks
     try: self._act_on({**R, 'nonfinite_grad':z, 'exploding_grad':z})
-    except CancelStepException: pass
+    except CancelStepException: # gradients accumulated on the weights of before a rollback are not stepped on
+        if f.rollbacks>n: self.learn.opt.zero_grad()
     return True
 
 @patch
@@ -635,8 +642,8 @@ def after_cancel_batch(self:ExplosionGuard):
     self._lr_back()
     p = self._pend
     if p.decided or p.bwd or p.cur is None: return # decided; or its gradients wait for a step (`GradientAccumulation`)
-    rows,(p.fwd,p.seen) = p.cur,p.prev # a user's callback dropped it: not the next batch's business
-    self._undecided(rows, p.fwd is None)
+    rows,(p.fwd,p.seen),p.cur = p.cur,p.prev,None # a user's callback dropped it: not the next batch's business
+    self._undecided(rows, True)
 
 @patch
 def after_cancel_step(self:ExplosionGuard):
@@ -879,7 +886,7 @@ def _blame_msg(b):
 @patch
 def _record(self:ExplosionGuard, kind, layer, value, threshold, action, ranks=None, to='', **blame):
     lrn = self.learn
-    ev = dict(epoch=lrn.epoch, iter=lrn.iter, train_iter=self._off+lrn.train_iter, kind=kind, layer=layer,
+    ev = dict(epoch=self._eoff+lrn.epoch, iter=lrn.iter, train_iter=self._off+lrn.train_iter, kind=kind, layer=layer,
               value=value, threshold=threshold, action=action, **{'pass':_PASS[kind]}, **blame)
     thr = '' if threshold is None else f' (threshold {threshold:.3g})'
     on = ''

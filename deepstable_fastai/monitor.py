@@ -7,7 +7,7 @@ Docs: https://deepstable.github.io/deepstable-fastai/monitor.html.md"""
 # %% ../nbs/05_monitor.ipynb #e24a5a64
 from __future__ import annotations
 import math, torch, torch.nn as nn, numpy as np, pandas as pd
-from fastcore.basics import patch, store_attr
+from fastcore.basics import patch, store_attr, first
 from fastcore.foundation import L
 from fastai.callback.core import Callback
 from fastai.torch_core import subplots
@@ -58,7 +58,7 @@ class ActivationMonitor(_Loops, Callback):
                              f"to tell `bins` bins apart, got {hist_range!r}")
         store_attr(but='modules')
         self.modules,self.names,self.buf,self.hbuf,self.pos = modules,[],None,None,None
-        self.k,self.stride,self._off = 0,1,0
+        self.k,self.stride,self._off,self._count = 0,1,0,0
         self._engine,self._on,self._started,self._rec,self._upd = None,False,False,False,False
         self._snap,self._g,self._posn,self._due = None,None,None,None
 
@@ -76,10 +76,15 @@ def before_train(self:ActivationMonitor):
 # %% ../nbs/05_monitor.ipynb #41f39d14
 @patch
 def _start(self:ActivationMonitor):
+    r = (float(self.hist_range[0]), float(self.hist_range[1]), self.bins)
+    e = self.learn.__dict__.get('_stats_engine') # histograms are counted once per batch, for every monitor
+    hb = {u:v for u,v in e.hist_by.items() if u in e.users and u!=id(self)} if e is not None else {}
+    if self.with_hist and any(v!=r for v in hb.values()):
+        raise ValueError(f"`hist_range`, `bins`: another ActivationMonitor of this learner counts histograms over "
+                         f"{first(hb.values())} (low, high, bins); the monitors of a learner must agree, got {r}")
     e = self._engine = StatsEngine.acquire(self.learn, self, ddp_modules(self.learn.model, self.modules))
     self._held = None # the engine held since `before_fit`, if any, is this one: the fit's now
-    lo,hi = self.hist_range
-    e.hist_range = (float(lo), float(hi), self.bins)
+    if self.with_hist: e.hist_range,e.hist_by = r,{**hb, id(self):r}
     dev = next(iter(e.params), None)
     dev = dev.device if dev is not None else torch.device('cpu')
     names = [strip_ddp(n) for n in e.users[id(self)]] # the user's names, also under DDP
@@ -89,18 +94,20 @@ def _start(self:ActivationMonitor):
     else:
         self.buf,self.hbuf = self.buf.to(dev),(None if self.hbuf is None else self.hbuf.to(dev))
         self._off = max(self._end, int(self.pos[self.k-1,0])+1 if self.k else 0) # after the last fit's batches
+        self._eoff = max(self._eend, int(self.pos[self.k-1,1])+1 if self.k else 0) # and its epochs
     self._k0 = self.k # records before this fit are already combined across ranks
     self._posn = self.pos.numpy() # a view of `pos`, made once: `after_batch` writes its row with no op and no sync
-    self._started,self._count,self._nan = True,0,torch.full((len(names), len(GRAD_STATS)), float('nan'), device=dev)
+    self._started,self._nan = True,torch.full((len(names), len(GRAD_STATS)), float('nan'), device=dev)
     self._snap,self._due = None,None # the update sample, made at the first update batch
-    self._run(self._off) # see `_Loops`
+    self._run(self._off, self._eoff) # see `_Loops`
 
 _NCOL = len(MONITOR_STATS)+1 # and the elements behind each record's statistics, for the merge across ranks
 _UR = MONITOR_STATS.index('update_ratio') # after the weight norm
 
 @patch
 def _alloc(self:ActivationMonitor, names, dev):
-    self.names,self.k,self.stride,self._off,self._end,self._logged = list(names),0,1,0,0,-1
+    self.names,self.k,self.stride,self._logged = list(names),0,1,-1
+    self._off,self._end,self._eoff,self._eend,self._count = 0,0,0,0,0 # `_count`: batches that could be recorded
     self.pos = torch.zeros(self.cap, 4, dtype=torch.long) # on the host, written through a numpy view
     self.buf = torch.full((self.cap, len(names), _NCOL), float('nan'), device=dev)
     self.hbuf = (torch.zeros(self.cap, len(names), self.bins+3, dtype=torch.int32, device=dev)
@@ -114,14 +121,15 @@ def before_batch(self:ActivationMonitor):
     L = self.learn # read the loop's state from the learner itself: a callback's attribute fallback is slow
     # not the batches of a loop nested in the fit (`validate`, or `get_preds`, which `FetchPredsCallback` runs with
     # no `before_fit`)
-    ok,c = (L.train_iter%self.every==0 if L.training else
+    ok,c = ((self._off+L.train_iter)%self.every==0 if L.training else
             self.record_valid and not self._nest and not hasattr(L, 'gather_preds')),self._count
     self._rec = ok and c%self.stride==0
     self._upd = self._rec and L.training and c%(self.stride*self.update_every)==0
     if ok: self._count += 1
     self._engine.begin(batch_key(L), want=self._rec, hist=self.with_hist)
     if L.training: self._last = self._off+L.train_iter+1 # counted here: `train_iter` is reset by a nested loop
-    if self._rec: self._g,self._where = None,(self._off+L.train_iter, L.epoch, L.iter, int(L.training))
+    if self._rec: self._g,self._where = None,(self._off+L.train_iter, self._eoff+L.epoch, L.iter,
+                                                  int(L.training))
 
 # %% ../nbs/05_monitor.ipynb #e6b6d62c
 def _loss_scale(learn):
@@ -275,7 +283,7 @@ def nbytes(self:ActivationMonitor):
 def after_fit(self:ActivationMonitor):
     "Remove the hooks, bring the history to the host and, distributed, combine this fit's records across ranks"
     if self._nest: self._nest -= 1; return
-    if self._started: self._to_trackers(); self._end = self._last
+    if self._started: self._to_trackers(); self._ended()
     fitted = self._started # a training fit that ended normally or was cancelled: every rank is here
     if self._engine is not None: self._engine.release(self.learn, self)
     self._exit()
@@ -296,7 +304,8 @@ def __getstate__(self:ActivationMonitor):
     d = {**self.__dict__, '_engine':None, '_held':None, '_open':False, '_snap':None, '_g':None, '_nan':None,
          '_posn':None, '_started':False, '_rec':False, '_nest':0, '_due':None,
          '_tune':None, '_ran':False}
-    if not self.keep_history: d.update(names=[], buf=None, hbuf=None, pos=None, k=0, stride=1, _off=0, _end=0)
+    if not self.keep_history:
+        d.update(names=[], buf=None, hbuf=None, pos=None, k=0, stride=1, _off=0, _end=0, _eoff=0, _eend=0, _count=0)
     return d
 
 @patch
@@ -354,13 +363,13 @@ def values(self:ActivationMonitor, stat:str='std', idx=None):
     "History of `stat` for layer `idx` (records,) or for all layers (records, layers)"
     if stat not in MONITOR_STATS: raise ValueError(f"`stat` must be one of {MONITOR_STATS}, got {stat!r}")
     if self.buf is None: raise ValueError("Nothing recorded yet: train with `fit` first")
-    v = self.buf[:self.k,:,MONITOR_STATS.index(stat)].cpu()
+    v = self.buf[:self.k,:,MONITOR_STATS.index(stat)].to('cpu', copy=True) # a copy: changing it leaves the history
     return v if idx is None else v[:,self.layer_idx(idx)]
 
 @patch(as_prop=True)
 def steps(self:ActivationMonitor):
     "Global training step of each record"
-    return self.pos[:self.k,0] if self.pos is not None else torch.zeros(0, dtype=torch.long)
+    return self.pos[:self.k,0].clone() if self.pos is not None else torch.zeros(0, dtype=torch.long)
 
 # %% ../nbs/05_monitor.ipynb #fb914744
 @patch

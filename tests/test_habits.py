@@ -447,3 +447,65 @@ def test_amp_cancelled_step_reads_no_older_replay():
     fit(learn, 2, 1e-3, cbs=[BigGrad(), BadTarget()])
     assert [(e['train_iter'], e['kind'], e['layer'], e.get('positions')) for e in g.events]==[
         (25, 'exploding_grad', '4.weight', None), (26, 'nonfinite_loss', 'loss', [5])]
+
+# The monitor's history (a third sweep, 2026-12-02)
+
+def test_fine_tune_history_evenly_spaced():
+    "A history that a `fine_tune` continues is spaced as one fit's, and its epochs count on"
+    from fastai.torch_core import params
+    def run(tune):
+        set_seed(0); m = nn.Sequential(nn.Flatten(), nn.Linear(64,32), nn.ReLU(), nn.Linear(32,10))
+        mon = ActivationMonitor(cap=16)
+        learn = Learner(digits_dls(size=8, bs=64), m, loss_func=CrossEntropyLossFlat(), cbs=[mon],
+                        splitter=lambda m: [params(m[1]), params(m[3])])
+        with learn.no_bar(), learn.no_logging():
+            if tune: learn.fine_tune(3, 1e-2, freeze_epochs=1) # 22 + 66 training batches
+            else: learn.fit(4, 1e-2)
+        return mon
+    a,b = run(True),run(False)
+    assert a.steps.tolist()==b.steps.tolist()==list(range(0, 88, 8))
+    assert a.pos[:a.k,1].tolist()==b.pos[:b.k,1].tolist()==[0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3]
+
+def test_two_monitors_share_the_histogram_range():
+    "Histograms are counted once per batch: two monitors of a learner that ask for different ranges are told so"
+    a,b = ActivationMonitor(with_hist=True),ActivationMonitor(with_hist=True, hist_range=(-1, 1), modules=['1'])
+    with pytest.raises(ValueError, match='`hist_range`, `bins`: another ActivationMonitor'): fit(learner([a, b]), 1)
+    alone = ActivationMonitor(with_hist=True); fit(learner([alone]), 1)
+    a,b = ActivationMonitor(with_hist=True),ActivationMonitor(hist_range=(-1, 1)) # no histograms: no say
+    fit(learner([a, b]), 1)
+    assert torch.equal(a.hist_counts('1'), alone.hist_counts('1'))
+
+def test_reads_are_copies():
+    "What `values` and `steps` return can be changed without changing the history"
+    mon = ActivationMonitor(); fit(learner([mon]), 1)
+    v,s = mon.values('grad_norm'),mon.steps
+    v[v.isnan()] = 0; s += 100
+    assert mon.values('grad_norm').isnan().any() and mon.steps[0]==0 and mon.to_df().step.min()==0
+
+def test_module_named_twice_is_hooked_once():
+    m = mlp(); mon = ActivationMonitor(modules=['1', m[1], '3']); fit(learner([mon], m), 1)
+    assert mon.names==['1', '3'] and len(mon.to_df())
+
+# A review of the sweeps' fixes (2026-12-02)
+
+def test_cancelled_batch_judged_once():
+    "A bad batch a user's callback cancels is acted on once: the batches left out after its rollback are not"
+    g,d = ExplosionGuard('rollback', skip_batches=2, verbose=False),DropNaNLoss()
+    learn = learner([g]); fit(learn, 1, 1e-2, cbs=[d, nan_batch(3)])
+    assert [(e['train_iter'], e['action']) for e in g.events]==[(3, 'rollback')]
+    assert g.skipped==[4, 5] and g.stop_reason is None and learn.train_iter==len(learn.dls.train)
+
+class EMA(nn.Module):
+    "A running mean kept in a buffer that each training forward replaces (not updated in place)"
+    def __init__(self, n): super().__init__(); self.register_buffer('mu', torch.zeros(n))
+    def forward(self, x):
+        if self.training: self.mu = 0.9*self.mu + 0.1*x.detach().mean(0)
+        return x - self.mu
+
+def test_replaced_buffer_checked_at_the_end():
+    "The end-of-fit check reads the model's tensors of now, by name; an empty buffer is no trouble"
+    m = nn.Sequential(nn.Flatten(), EMA(64), nn.Linear(64,32), nn.ReLU(), nn.Linear(32,10))
+    m.register_buffer('placeholder', torch.empty(0))
+    g = ExplosionGuard('skip', verbose=False); learn = learner([g], m)
+    fit(learn, 1, 1e-2, cbs=nan_batch(len(learn.dls.train)-1)) # its NaN reaches `mu`, which no step undoes
+    assert [e['kind'] for e in g.events]==['nonfinite_act', 'nonfinite_weights'] and m[1].mu.isfinite().all()
