@@ -46,7 +46,9 @@ def find_modules(model:nn.Module, # The model to look into
             res.append((names[id(o)], o))
         else: raise ValueError(f"`modules` must hold modules or qualified names, got {type(o).__name__}")
     if not res: raise ValueError("`modules` is empty: pass None for the default selection")
-    return list({id(m):(n,m) for n,m in reversed(res)}.values())[::-1] # a module named twice is hooked once
+    d = {} # a module named twice is hooked once, where it was first named
+    for n,m in res: d.setdefault(id(m), (n,m))
+    return list(d.values())
 
 # %% ../nbs/02_engine.ipynb #79cbb56a
 def _gone(*args): return None # what a pickled engine loads as

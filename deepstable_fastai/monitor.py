@@ -35,6 +35,7 @@ def _bin_range(r, bins):
 class ActivationMonitor(_Loops, Callback):
     "Record per-layer activation and gradient statistics of training batches on the device, in bounded memory"
     order,__reduce_ex__ = -5,pkg_reduce_ex # loading an export without this package says so
+    _count = 0 # batches that could be recorded so far (a class default: also that of a monitor pickled without it)
     def __init__(self,
                  modules=None, # Modules or qualified names to hook; `None`: leaves with parameters, plus activations
                  every:int=1, # Record one training batch in `every`
@@ -93,8 +94,9 @@ def _start(self:ActivationMonitor):
     if (self.reset_on_fit and not self._cont) or self.buf is None or list(self.names)!=names: self._alloc(names, dev)
     else:
         self.buf,self.hbuf = self.buf.to(dev),(None if self.hbuf is None else self.hbuf.to(dev))
-        self._off = max(self._end, int(self.pos[self.k-1,0])+1 if self.k else 0) # after the last fit's batches
-        self._eoff = max(self._eend, int(self.pos[self.k-1,1])+1 if self.k else 0) # and its epochs
+        p = self.pos[self.k-1] if self.k else None # a validation record's step is the next training batch's
+        self._off = max(self._end, int(p[0])+int(p[3]) if self.k else 0) # after the last fit's batches
+        self._eoff = max(self._eend, int(p[1])+1 if self.k else 0) # and its epochs
     self._k0 = self.k # records before this fit are already combined across ranks
     self._posn = self.pos.numpy() # a view of `pos`, made once: `after_batch` writes its row with no op and no sync
     self._started,self._nan = True,torch.full((len(names), len(GRAD_STATS)), float('nan'), device=dev)

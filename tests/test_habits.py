@@ -466,6 +466,17 @@ def test_fine_tune_history_evenly_spaced():
     assert a.steps.tolist()==b.steps.tolist()==list(range(0, 88, 8))
     assert a.pos[:a.k,1].tolist()==b.pos[:b.k,1].tolist()==[0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3]
 
+def test_continued_history_with_validation_records():
+    "A validation record's step is the next training batch's: the fit after it goes on from there, as one fit does"
+    def run(tune):
+        set_seed(0); mon = ActivationMonitor(record_valid=True, every=2); learn = learner([mon])
+        with learn.no_bar(), learn.no_logging():
+            if tune: learn.fine_tune(1, 1e-2, freeze_epochs=1)
+            else: learn.fit(2, 1e-2)
+        return mon
+    a,b = run(True),run(False)
+    assert a.steps.tolist()==b.steps.tolist() and a._end==b._end==2*len(a.learn.dls.train)
+
 def test_two_monitors_share_the_histogram_range():
     "Histograms are counted once per batch: two monitors of a learner that ask for different ranges are told so"
     a,b = ActivationMonitor(with_hist=True),ActivationMonitor(with_hist=True, hist_range=(-1, 1), modules=['1'])
@@ -483,8 +494,8 @@ def test_reads_are_copies():
     assert mon.values('grad_norm').isnan().any() and mon.steps[0]==0 and mon.to_df().step.min()==0
 
 def test_module_named_twice_is_hooked_once():
-    m = mlp(); mon = ActivationMonitor(modules=['1', m[1], '3']); fit(learner([mon], m), 1)
-    assert mon.names==['1', '3'] and len(mon.to_df())
+    m = mlp(); mon = ActivationMonitor(modules=['3', '1', m[3]]); fit(learner([mon], m), 1)
+    assert mon.names==['3', '1'] and len(mon.to_df()) # in the order first named
 
 # A review of the sweeps' fixes (2026-12-02)
 
