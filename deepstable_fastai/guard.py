@@ -140,13 +140,13 @@ class _Snapshots:
         self.bufs = list(learn.model.buffers())
         self.saved = [b.clone() for b in self.bufs]
         self.good = {**self.take(), 'iter':None} # the start of the fit
-        ts = _named_floats(learn.model) # `after_fit` checks those finite now (not an `-inf` mask buffer), reads then
+        ts = _named_floats(get_model(learn.model)) # `after_fit` checks those finite now (not a `-inf` mask): reads
         self.names,self.ok0 = list(ts),_finite(list(ts.values()))
 
     def check(self):
         "Read once: has a tensor finite at the start of the fit turned non-finite; the parameters never finite"
         if self.ok0 is None: return False,[]
-        m = self.learn.model
+        m = get_model(self.learn.model) # DDP may have been unwrapped since
         ts,z = _named_floats(m),self.ok0.new_zeros(1, dtype=torch.float32) # by name: `self.mu = ...` replaces a buffer
         v = torch.cat([(self.ok0 & ~_finite([ts.get(n, z) for n in self.names])).any().view(1), ~self.ok0]).tolist()
         ps = dict(m.named_parameters())
@@ -903,11 +903,17 @@ def _record(self:ExplosionGuard, kind, layer, value, threshold, action, ranks=No
     if action=='warn': warnings.warn(ev['message'], stacklevel=2)
     return ev
 
+def _text_logger(learn):
+    "`learn.logger` under any `CSVLogger` wrapping it, which would write a message as a row of values"
+    lg,pr = learn.logger,sys.modules.get('fastai.callback.progress') # not imported: no `CSVLogger` anywhere
+    while pr is not None and isinstance(getattr(lg, '__self__', None), pr.CSVLogger): lg = lg.__self__.old_logger
+    return lg
+
 @patch
 def _log(self:ExplosionGuard, msg):
     mbar = getattr(getattr(self.learn, 'progress', None), 'mbar', None)
     if mbar is not None: mbar.write(msg)
-    elif self.learn.logger is not noop: print(msg) # not `learn.logger`, which takes a row of values (`CSVLogger`)
+    else: _text_logger(self.learn)(msg)
 
 # %% ../nbs/06_guard.ipynb #7728fa5b
 _EVCOLS = ['epoch','iter','train_iter','kind','layer','pass','value','threshold','action']

@@ -370,12 +370,14 @@ def test_removed_in_a_running_fit(cls):
     assert '_stats_engine' not in learn.__dict__
 
 def test_messages_stay_out_of_the_csv_log(tmp_path):
-    "Without a progress bar the guard prints its messages: `learn.logger` takes rows of values (`CSVLogger`)"
+    "Without a progress bar the guard's messages go to the learner's logger under `CSVLogger`, not into its file"
     import pandas as pd
     from fastai.callback.progress import CSVLogger
-    learn = learner([ExplosionGuard(), CSVLogger(tmp_path/'h.csv')])
+    learn,said = learner([ExplosionGuard(), CSVLogger(tmp_path/'h.csv')]),[]
+    learn.logger = said.append
     with learn.no_bar(): learn.fit(2, 1e-2, cbs=nan_batch(3))
     assert len(learn.explosion_guard.events)==1 and len(pd.read_csv(tmp_path/'h.csv'))==2
+    assert [o for o in said if isinstance(o, str)]==[learn.explosion_guard.events[0]['message']]
 
 class DropNaNLoss(Callback):
     "A user's own check: drop a batch whose loss is not finite, before its backward"
