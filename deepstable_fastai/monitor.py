@@ -59,7 +59,7 @@ class ActivationMonitor(_Loops, Callback):
                              f"to tell `bins` bins apart, got {hist_range!r}")
         store_attr(but='modules')
         self.modules,self.names,self.buf,self.hbuf,self.pos = modules,[],None,None,None
-        self.k,self.stride,self._off,self._count = 0,1,0,0
+        self.k,self.stride,self._off = 0,1,0
         self._engine,self._on,self._started,self._rec,self._upd = None,False,False,False,False
         self._snap,self._g,self._posn,self._due = None,None,None,None
 
