@@ -71,7 +71,8 @@ class TensorDL(TfmdDL):
     @property
     def c(self): return len(self.vocab) if self.vocab is not None else 1
     def create_batches(self, samps):
-        if not isinstance(self.dataset, TensorDS): yield from super().create_batches(samps); return # a `test_dl`
+        if not isinstance(self.dataset, TensorDS): # a `test_dl`: bare inputs, made tuples as fastai's pipelines make them
+            yield from (b if isinstance(b, tuple) else (b,) for b in super().create_batches(samps)); return
         idxs = torch.tensor(list(samps), dtype=torch.long)
         for b in idxs.split(self.bs):
             if self.drop_last and len(b)<self.bs: return

@@ -6,7 +6,8 @@ Docs: https://deepstable.github.io/deepstable-fastai/init.html.md"""
 
 # %% ../nbs/08_init.ipynb #38c4f3dd
 from __future__ import annotations
-import functools, math, torch, torch.nn as nn, numpy as np, pandas as pd
+import contextlib, functools, math, torch, torch.nn as nn, numpy as np, pandas as pd
+from torch.nn.utils import parametrize
 from fastcore.basics import GetAttr, store_attr, ifnone, patch
 from fastai.learner import Learner
 from .stats import STATS, act_types, tensor_stats, finish_stats
@@ -60,26 +61,54 @@ def _is_act(m):
 
 def layer_acts(model):
     "Pairs (weight layer, the activation module that follows it or None) in registration order"
+    # an `nn.Identity` is a placeholder (timm's `drop_block`, a switched-off norm), not the activation that follows it
     res,pend = [],[]
     for m in model.modules():
         if isinstance(m, _WEIGHT): res += [(l,None) for l in pend]; pend = [m]
-        elif _is_act(m) and pend: res += [(l,m) for l in pend]; pend = []
+        elif pend and not isinstance(m, nn.Identity) and _is_act(m): res += [(l,m) for l in pend]; pend = []
     return res + [(l,None) for l in pend]
 
 # %% ../nbs/08_init.ipynb #55a34086
+def _fan_in(l):
+    "Inputs summed into one output of weight layer `l` (a transposed conv's: `in/groups` times kernel over stride)"
+    if isinstance(l, nn.modules.conv._ConvTransposeNd): # its weight is (in, out/groups, *k): torch's fan is out's
+        return l.in_channels//l.groups * math.prod(k/s for k,s in zip(l.kernel_size, l.stride))
+    return nn.init._calculate_correct_fan(l.weight, 'fan_in')
+
+def _set_weight_(l, w):
+    "Write `w` as `l.weight`, through a weight or spectral norm if `l` has one (else the write would be lost)"
+    if parametrize.is_parametrized(l, 'weight'): l.weight = w # the parametrization's `right_inverse`
+    elif hasattr(l, 'weight_g') and hasattr(l, 'weight_v'): # the old `nn.utils.weight_norm` hook: w = g v/|v|
+        d = next(h.dim for h in l._forward_pre_hooks.values() if type(h).__name__=='WeightNorm')
+        l.weight_v.copy_(w); l.weight_g.copy_(torch.norm_except_dim(w, 2, d)); l.weight = w
+    elif hasattr(l, 'weight_orig'): l.weight_orig.copy_(w); l.weight.copy_(w) # the old `nn.utils.spectral_norm`
+    else: l.weight.copy_(w)
+
 def kaiming_init_(model:nn.Module, # initialised in place
                   act=None): # force one activation (anything `act_gain` takes) for every layer
     "Kaiming-normal weights with the gain of each layer's following activation (or `act`), zero biases; returns `model`"
-    for l,a in layer_acts(model):
-        fan_in = nn.init._calculate_correct_fan(l.weight, 'fan_in')
-        g = act_gain(a) if act is None else act_gain(act)
-        with torch.no_grad():
-            l.weight.normal_(0, g/math.sqrt(fan_in))
+    g = None if act is None else act_gain(act)
+    plan = [(l, act_gain(a) if g is None else g) for l,a in layer_acts(model)] # every gain known before any write
+    with torch.no_grad():
+        for l,gl in plan:
+            _set_weight_(l, torch.empty_like(l.weight).normal_(0, gl/math.sqrt(_fan_in(l))))
             if l.bias is not None: l.bias.zero_()
     return model
 
 # %% ../nbs/08_init.ipynb #ab5148c9
 class _Stop(Exception): pass
+
+@contextlib.contextmanager
+def _untouched(model):
+    "Put back `model`'s modes, its buffers (BatchNorm statistics) and the random state (Dropout's) after the block"
+    modes,bufs = {m:m.training for m in model.modules()},list(model.buffers())
+    saved = [b.clone() for b in bufs]
+    devs = sorted({b.device.index for b in [*bufs, *model.parameters()] if b.device.type=='cuda'})
+    try:
+        with torch.random.fork_rng(devices=devs): yield
+    finally:
+        for m,t in modes.items(): m.training = t
+        with torch.no_grad(): torch._foreach_copy_(bufs, saved) if bufs else None
 
 def _forward_order(model, xb):
     "Weight layers of `model` in the order a forward pass on `xb` reaches them"
@@ -109,20 +138,15 @@ def lsuv_init_(model:nn.Module, # initialised in place
                tol:float=0.05, # accept an output std within `tol` of 1
                max_iter:int=10): # rescalings allowed per layer
     "Rescale each weight layer of `model`, in forward order, until its output std on `xb` is within `tol` of 1"
-    modes = {m:m.training for m in model.modules()}
-    bufs = {k:v.clone() for k,v in model.state_dict().items() if 'running_' in k or 'num_batches' in k}
     rows = []
-    try:
+    with _untouched(model):
         model.train()
         for l in _forward_order(model, xb):
             s0 = s = _std_at(model, l, xb); it = 0
             while abs(s-1)>tol and it<max_iter and s>0 and math.isfinite(s):
-                with torch.no_grad(): l.weight.div_(s)
+                with torch.no_grad(): _set_weight_(l, l.weight/s)
                 s = _std_at(model, l, xb); it += 1
             rows.append(dict(layer=type(l).__name__, iters=it, std_before=s0, std_after=s))
-    finally:
-        for m,t in modes.items(): m.training = t
-        model.load_state_dict(bufs, strict=False)
     return pd.DataFrame(rows)
 
 # %% ../nbs/08_init.ipynb #ec64b0e5
@@ -170,25 +194,35 @@ class SignalReport(GetAttr):
         return ax
 
 # %% ../nbs/08_init.ipynb #8ad23bc3
-def signal_check(model:nn.Module, xb:torch.Tensor,
-                 modules=None, # modules or (name, module) pairs to hook; `signal_layers(model)` if None
+def _named(model, mods):
+    "`(name, module)` pairs of `mods`: modules, names in `model`, or such pairs"
+    names = {m:k for k,m in model.named_modules()}
+    def one(o):
+        if isinstance(o, tuple): return o
+        if not isinstance(o, str): return names.get(o, type(o).__name__),o
+        try: return o,model.get_submodule(o)
+        except AttributeError: raise ValueError(f"`modules`: {o!r} names no module of the model") from None
+    return [one(o) for o in mods]
+
+def signal_check(model:nn.Module, xb, # input batch: a tensor, or a tuple of the model's inputs
+                 modules=None, # modules, their names or (name, module) pairs; `signal_layers(model)` if None
                  lo:float=1e-2, # a layer whose output std is below `lo` is `vanishing`
                  hi:float=1e2, # above `hi`, or with a non-finite value, `exploding`
                  plot:bool=True): # plot std against depth
     "One gradient-free forward pass on `xb`: per-layer stats and verdicts (`exploding`/`vanishing`/`ok`)"
-    mods = ifnone(modules, signal_layers(model))
-    names = {m:k for k,m in model.named_modules()}
-    mods = [o if isinstance(o, tuple) else (names.get(o, type(o).__name__), o) for o in mods]
+    mods,xs = _named(model, ifnone(modules, signal_layers(model))),(xb if isinstance(xb, (tuple,list)) else (xb,))
     res = {}
     def hook(n, o):
         if n not in res: res[n] = _stats(o[0] if isinstance(o,tuple) else o)
     hs = [m.register_forward_hook(lambda m,i,o,n=n: hook(n,o)) for n,m in mods]
-    try:
-        with torch.no_grad(): model(xb)
+    try: # BatchNorm statistics and Dropout's random state as they were: a check, not a training step
+        with _untouched(model), torch.no_grad(): model(*xs)
     finally:
         for h in hs: h.remove()
+    if not res: raise ValueError("none of `modules` ran in the forward pass on `xb`")
+    x0 = next((x for x in xs if torch.is_tensor(x) and x.is_floating_point()), None) # a tabular model's first
     df = pd.DataFrame([dict(layer=n, **res[n]) for n,_ in mods if n in res])
-    df['growth'] = df['std']/df['std'].shift(1, fill_value=xb.float().std().item())
+    df['growth'] = df['std']/df['std'].shift(1, fill_value=x0.float().std().item() if x0 is not None else np.nan)
     df['verdict'] = [_verdict(s,f,lo,hi) for s,f in zip(df['std'], df['nonfinite'])]
     bad = df.verdict.eq('exploding')
     r = SignalReport(df, 'exploding' if bad.any() else df.verdict.iloc[-1])
@@ -197,9 +231,8 @@ def signal_check(model:nn.Module, xb:torch.Tensor,
 
 # %% ../nbs/08_init.ipynb #834246c5
 @patch
-def signal_check(self:Learner, xb=None, # input batch; the first of `self.dls.one_batch()` if None
+def signal_check(self:Learner, xb=None, # input batch; the inputs of `self.dls.one_batch()` if None
                  **kwargs):
     "`signal_check` of the learner's model on `xb` or a training batch"
     if xb is None: xb = self.dls.one_batch()[:self.dls.n_inp]
-    xb = xb[0] if isinstance(xb, (tuple,list)) and len(xb)==1 else xb
     return signal_check(self.model, xb, **kwargs)

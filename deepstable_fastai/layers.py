@@ -36,6 +36,8 @@ def projection(ni:int, # channels (features) in
                ndim:int=2, # 2: images, 1: vectors
                bn:bool=True): # end with BatchNorm
     "Shortcut from `ni` to `nf` channels (`ndim=2`, images) or features (`ndim=1`, vectors), downsampling by `stride`"
+    for k,v in dict(ni=ni, nf=nf, stride=stride).items(): _pos_int(k, v)
+    _expect(ndim in (1,2), 'ndim', '1 (vectors) or 2 (images)', ndim)
     if ndim==1: return nn.Sequential(nn.Linear(ni, nf, bias=not bn), *([nn.BatchNorm1d(nf)] if bn else []))
     pool = [nn.AvgPool2d(stride, ceil_mode=True)] if stride>1 else []
     return nn.Sequential(*pool, nn.Conv2d(ni, nf, 1, bias=not bn), *([nn.BatchNorm2d(nf)] if bn else []))
@@ -60,6 +62,8 @@ def bottleneck(nf:int, # channels (or features) in
     "A residual branch: 1x1 down to `nh`, `ks`x`ks`, 1x1 up to `nf_out`, each with ReLU and BatchNorm"
     _pos_int('nf', nf); _expect(ndim in (1,2), 'ndim', '1 (vectors) or 2 (images)', ndim)
     nf_out,nh = ifnone(nf_out, nf),ifnone(nh, (nf+1)//2)
+    for k,v in dict(nf_out=nf_out, nh=nh, ks=ks, stride=stride).items(): _pos_int(k, v)
+    _expect(ks%2==1 or ndim==1, 'ks', 'odd (an even kernel changes the size, which the shortcut cannot follow)', ks)
     layers = (_unit(nf, nh, 1, 1, ndim, bn, bn_1st) + _unit(nh, nh, ks, stride, ndim, bn, bn_1st)
               + _unit(nh, nf_out, 1, 1, ndim, bn, bn_1st, act=not bn_1st))
     res = nn.Sequential(*layers)
@@ -95,6 +99,8 @@ def zero_gamma_(model:nn.Module):
     bns = [o for o in map(_branch_bn, residual_blocks(model)) if o is not None]
     if not bns: raise ValueError(f"`model` ({type(model).__name__}) has no residual branch ending in BatchNorm; "
                                  "expected ResBlock, fastai ResBlock or torchvision BasicBlock/Bottleneck blocks")
+    na = [type(b).__name__ for b in residual_blocks(model) if (o:=_branch_bn(b)) is not None and o.weight is None]
+    if na: raise ValueError(f"`model`: the last BatchNorm of {na[0]} has no gamma (`affine=False`) to set to zero")
     with torch.no_grad():
         for bn in bns: bn.weight.zero_()
     return len(bns)
@@ -107,7 +113,7 @@ class BNStem(nn.Sequential):
                  nf:int|None=None, # if given, add conv to `nf` channels, ReLU and BatchNorm
                  ks:int=3, # kernel size of the conv
                  ndim:int=2): # 2: images, 1: vectors
-        _pos_int('n_in', n_in)
+        _pos_int('n_in', n_in); _expect(ndim in (1,2), 'ndim', '1 (vectors) or 2 (images)', ndim)
         bn = nn.BatchNorm1d if ndim==1 else nn.BatchNorm2d
         layers = [bn(n_in)]
         if nf is not None: layers += _unit(n_in, nf, ks, 1, ndim, True, False)

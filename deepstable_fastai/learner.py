@@ -7,6 +7,7 @@ Docs: https://deepstable.github.io/deepstable-fastai/learner.html.md"""
 # %% ../nbs/09_learner.ipynb #a22b334c
 from __future__ import annotations
 import importlib, torch.nn as nn
+from torch.nn.utils import parametrize
 from fastcore.basics import ifnone
 from fastcore.foundation import L
 from fastcore.meta import delegates
@@ -78,15 +79,18 @@ def resblock_learner(dls, n_blocks:int=8, nf:int=16, n_stages:int=3, bn:bool=Tru
                      n_out:int|None=None, # outputs, `dls.c` if None
                      monitor=False, # True or an `ActivationMonitor` to attach
                      guard=False, # True or an `ExplosionGuard` to attach
-                     loss_func=None, splitter=resblock_split, cbs=None, **kwargs):
+                     loss_func=None, # the data's `loss_func` if None, else `CrossEntropyLossFlat`
+                     splitter=resblock_split, cbs=None, **kwargs):
     "A `Learner` for a `resblock_net` sized from `dls`; see `resblock_net` for the arguments"
+    if n_out is not None: _pos_int('n_out', n_out)
     n_out = ifnone(n_out, getattr(dls, 'c', None))
     if not n_out:
         raise ValueError("`dls` has no `c` (number of classes); expected classification DataLoaders, or pass `n_out`")
     ndim,n_in = _data_shape(dls)
     m = resblock_net(n_in, n_out, n_blocks, nf, ndim, n_stages, bn, bn_1st, zero_gamma, head_bn)
     cbs = L(cbs) + _opt_cb(monitor, 'monitor', 'ActivationMonitor') + _opt_cb(guard, 'guard', 'ExplosionGuard')
-    return Learner(dls, m, loss_func=ifnone(loss_func, CrossEntropyLossFlat()), splitter=splitter, cbs=cbs, **kwargs)
+    lf = ifnone(loss_func, getattr(dls.train_ds, 'loss_func', None)) # the data's (MSE for regression), as `Learner`
+    return Learner(dls, m, loss_func=ifnone(lf, CrossEntropyLossFlat()), splitter=splitter, cbs=cbs, **kwargs)
 
 # %% ../nbs/09_learner.ipynb #61676d5b
 class WithStem(nn.Module):
@@ -95,7 +99,7 @@ class WithStem(nn.Module):
     def __init__(self, layer:nn.Module, # the model's first parameterised layer
                  stem:nn.Module|None=None): # runs before `layer`; `BNStem(in_channels)` if None
         super().__init__()
-        self.stem = ifnone(stem, BNStem(_in_channels(layer)))
+        self.stem = stem if stem is not None else BNStem(_in_channels(layer))
         self.layer = layer
     def forward(self, x): return self.layer(self.stem(x))
 
@@ -108,8 +112,10 @@ def _in_channels(l):
 def _first_layer(model):
     "(parent, name, module) of `model`'s first parameterised layer, or of the `WithStem` around it"
     p,n,c = None,None,model
-    for k in next(model.named_parameters())[0].split('.')[:-1]:
-        if isinstance(c, WithStem): break
+    k0 = next((k for k,_ in model.named_parameters()), None)
+    if k0 is None: raise ValueError(f"`model` ({type(model).__name__}) has no parameters: no first layer to put a stem before")
+    for k in k0.split('.')[:-1]:
+        if isinstance(c, WithStem) or (k=='parametrizations' and parametrize.is_parametrized(c)): break # weight norm's
         p,n,c = c,k,getattr(c, k)
     return p,n,c
 
@@ -117,10 +123,10 @@ def insert_stem_(model:nn.Module, stem:nn.Module|None=None): # `stem` as in `Wit
     "Wrap the first parameterised layer of `model` in `WithStem`, unless it is already; returns `model`"
     p,n,c = _first_layer(model)
     if isinstance(c, WithStem): return model
-    if p is None:
-        raise ValueError(f"`model` ({type(model).__name__}) is itself the first layer; wrap it as `WithStem(model)`")
-    dev = next(c.parameters()).device
-    setattr(p, n, WithStem(c, None if stem is None else stem.to(dev)).to(dev))
+    if p is None: raise ValueError(f"`model` ({type(model).__name__}) holds its first parameter itself; wrap the "
+                                   "model as `WithStem(model)`")
+    w = next(c.parameters()) # the stem on the layer's device, in its dtype and its train/eval mode
+    setattr(p, n, WithStem(c, stem).to(w.device, w.dtype if w.is_floating_point() else None).train(c.training))
     return model
 
 # %% ../nbs/09_learner.ipynb #a5ae74c3
@@ -153,10 +159,20 @@ def bn_stem(arch): # an arch function, e.g. `resnet18` or `xresnet34`
 
 # %% ../nbs/09_learner.ipynb #522126e0
 def add_bn_stem(learn:Learner): # e.g. from `vision_learner`, timm archs included
-    "Insert a `BNStem` before the first layer of `learn.model`, keeping its parameter groups and frozen state"
-    fi = None if learn.opt is None else learn.opt.frozen_idx
+    "Insert a `BNStem` before the first layer of `learn.model`, keeping its optimizer (state, hypers, groups, frozen)"
+    if isinstance(_first_layer(learn.model)[2], WithStem): return learn
     insert_stem_(learn.model)
-    if fi is not None: learn.create_opt(); learn.freeze_to(fi)
+    o = learn.opt
+    if o is None: return learn
+    w = _first_layer(learn.model)[2] # the stem joins its layer's parameter group: `create_opt` would wipe the state
+    ids = {id(p) for p in w.layer.parameters()}
+    i = next((i for i,g in enumerate(o.param_lists) if any(id(p) in ids for p in g)), 0)
+    for p in w.stem.parameters(): o.param_lists[i].append(p)
+    if not learn.wd_bn_bias: # as `create_opt` does for every norm layer
+        for s in learn._bn_bias_state(True): s['do_wd'] = False
+    if learn.train_bn:
+        for s in learn._bn_bias_state(False): s['force_train'] = True
+    o.freeze_to(o.frozen_idx) # the stem's group frozen or not, as it was
     return learn
 
 # %% ../nbs/09_learner.ipynb #c5a77472
