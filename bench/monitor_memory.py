@@ -50,7 +50,7 @@ if __name__=='__main__':
         learn,d,w = run(cb, a.batches)
         if isinstance(cb, ActivationMonitor):
             m = learn.activation_monitor
-            capb = a.cap*(len(m.names)*(4*(len(MONITOR_STATS)+1) + cb.with_hist*4*(cb.bins+3)) + 32)
+            capb = a.cap*(len(m.names)*(4*(len(MONITOR_STATS)+1) + cb.with_hist*4*(cb.bins+3)) + 40)
             assert m.nbytes()<=capb, (m.nbytes(), capb)
             print(f"| {name} | {m.k} | {m.stride} | {m.nbytes():,} | {capb:,} | {d:.1f} | {w:.0f} |")
         else:

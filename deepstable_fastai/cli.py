@@ -6,7 +6,7 @@ Docs: https://deepstable.github.io/deepstable-fastai/cli.html.md"""
 
 # %% ../nbs/13_cli.ipynb #b996d681
 from __future__ import annotations
-import os, sys, warnings
+import math, os, re, sys, tempfile, warnings
 from pathlib import Path
 from fastcore.basics import ifnone
 from fastcore.script import call_parse, anno_parser, store_true
@@ -23,6 +23,12 @@ def _need(ok, flag, what, v):
     "Fail with `flag must be what, got v` unless `ok`: the command line's form of `data._expect`"
     if not ok: _fail(f"{flag} must be {what}, got {v!r}")
 
+def _pos(**kw):
+    "Fail unless every flag in `kw` (name=value) is a positive, finite number or `None` (its default)"
+    for k,v in kw.items(): _need(v is None or 0<v<math.inf, '--'+k.replace('_','-'), 'positive', v)
+
+def _seed(v): _need(0<=v<2**32, '--seed', f'in [0, {2**32-1}]', v) # what numpy and scikit-learn take
+
 def _one_process(cmd):
     if int(os.environ.get('WORLD_SIZE', 1))>1:
         _fail(f"runs in one process; start `deepstable {cmd}` without torchrun or accelerate launch")
@@ -32,6 +38,25 @@ def _lines():
     return not (hasattr(sys.stdout, 'isatty') and sys.stdout.isatty())
 
 def _plain(s): return s.replace('`','').replace('**','')
+
+# %% ../nbs/13_cli.ipynb #6f1b2c3d
+_flags = dict(channels='--n-in') # the data helpers' argument names that are not the flag's
+
+def _flagged(f, *args, **kwargs):
+    "Call data helper `f`; its `ValueError` on an argument becomes a usage error naming the flag"
+    try: return f(*args, **kwargs)
+    except ValueError as e:
+        m = re.match(r'`(\w+)` (must be .*)', str(e))
+        if not m: raise
+        _fail(f"{_flags.get(m[1], '--'+m[1].replace('_','-'))} {m[2]}")
+
+def _out_dir(out):
+    "Create report folder `out` if missing; fail unless it is a folder this process can write into"
+    p = Path(out)
+    if p.exists() and not p.is_dir(): _fail(f"--out: {p} is not a folder")
+    try: p.mkdir(parents=True, exist_ok=True); tempfile.TemporaryFile(dir=p).close()
+    except OSError as e: _fail(f"--out: cannot write into {p}: {e.strerror or type(e).__name__}")
+    return p
 
 # %% ../nbs/13_cli.ipynb #774e9b64
 def _depths(s, quick):
@@ -53,9 +78,9 @@ def demo(out:str='deepstable-report', # Report folder
     from deepstable_fastai.demo import run_demo
     _one_process('demo')
     depth,epochs = ifnone(depth, 12 if quick else 20),ifnone(epochs, 3 if quick else 5)
-    _need(depth>0, '--depth', 'positive', depth); _need(epochs>0, '--epochs', 'positive', epochs)
-    _need(lr is None or lr>0, '--lr', 'positive', lr)
-    s = run_demo(out, depth=depth, epochs=epochs, lr=lr, seed=seed, sweep_depths=_depths(sweep, quick),
+    _pos(depth=depth, epochs=epochs, lr=lr); _seed(seed)
+    sweep = _depths(sweep, quick); _out_dir(out)
+    s = run_demo(out, depth=depth, epochs=epochs, lr=lr, seed=seed, sweep_depths=sweep,
                  sweep_epochs=2 if quick else 3, lines=_lines())
     for i,t in enumerate(s['story'], 1): print(f"{i}. {_plain(t)}")
     for r in s['runs']: print(f"{r['name']:>10}: {_plain(r['headline'])}")
@@ -66,7 +91,7 @@ def demo(out:str='deepstable-report', # Report folder
     return 0 if ok else 1
 
 # %% ../nbs/13_cli.ipynb #32cc45fc
-def _resolve_arch(arch):
+def _resolve_arch(arch, flag='--arch'):
     "An arch function from torchvision/fastai by name, or a timm name when timm is installed"
     import fastai.vision.models as fm, fastai.vision.models.xresnet as fx, torchvision.models as tm
     for mod in (fm, fx, tm):
@@ -76,28 +101,32 @@ def _resolve_arch(arch):
         import timm
         if timm.is_model(arch): return arch
     except ImportError: pass
-    _fail(f"--arch: unknown architecture {arch!r}; expected a torchvision/fastai name such as resnet18 or xresnet34")
+    _fail(f"{flag}: unknown architecture {arch!r}; expected a torchvision/fastai name such as resnet18 or xresnet34")
 
-# %% ../nbs/13_cli.ipynb #d7ab7d2c
-def _image_dls(path, size, bs, valid_pct, seed, device=None):
+# %% ../nbs/13_cli.ipynb #8b3d4e5f
+def _images(path, flag='PATH'):
+    "The image files under folder `path`, every one readable; else a usage error naming `flag`"
     from fastai.data.transforms import get_image_files
     from fastai.vision.utils import verify_images
+    p = Path(path)
+    if not p.exists(): _fail(f"{flag}: {p} does not exist")
+    if not p.is_dir(): _fail(f"{flag}: {p} is not a folder")
+    files = get_image_files(p)
+    if not files: _fail(f"{flag}: no image files under {p}")
+    bad = verify_images(files)
+    if bad: _fail(f"{flag}: {len(bad)} image(s) cannot be read, e.g. {bad[0]}")
+    return files
+
+# %% ../nbs/13_cli.ipynb #d7ab7d2c
+def _image_dls(path, size, bs, valid_pct, seed, device=None, flag='PATH'):
     from fastai.vision.data import ImageDataLoaders
     from fastai.vision.augment import Resize
-    p = Path(path)
-    if not p.exists(): _fail(f"PATH: {p} does not exist")
-    if not p.is_dir(): _fail(f"PATH: {p} is not a folder")
-    files = get_image_files(p)
-    if not files: _fail(f"PATH: no image files under {p}")
-    bad = verify_images(files)
-    if bad: _fail(f"PATH: {len(bad)} image(s) cannot be read, e.g. {bad[0]}")
-    if size<=0 or bs<=0: _fail("--size and --bs must be positive")
-    _need(0<valid_pct<1, '--valid-pct', 'in (0,1)', valid_pct)
+    p = Path(path); _images(p, flag)
     split = (p/'train').is_dir() and (p/'valid').is_dir()
     kw = dict(valid='valid') if split else dict(train='.', valid_pct=valid_pct, seed=seed)
     dls = ImageDataLoaders.from_folder(p, item_tfms=Resize(size), bs=bs, num_workers=0, device=device, **kw)
-    if dls.c<2: _fail(f"PATH: found {dls.c} class folder(s); expected at least 2")
-    if len(dls.train)==0: _fail(f"PATH: too few training images for --bs {bs}")
+    if dls.c<2: _fail(f"{flag}: found {dls.c} class folder(s); expected at least 2")
+    if len(dls.train)==0: _fail(f"{flag}: too few training images for --bs {bs}")
     return dls
 
 # %% ../nbs/13_cli.ipynb #438d4e43
@@ -141,29 +170,59 @@ def train(path:str, # ImageNet-style folder: train/ and valid/, or one folder pe
           seed:int=42, # Random seed
           action:str='rollback'): # ExplosionGuard action: warn, skip, rollback or stop
     "Train `vision_learner` on your image folder under the monitor and the guard, and write the report"
-    _need(epochs>0, '--epochs', 'positive', epochs)
+    _pos(epochs=epochs, lr=lr, size=size, bs=bs); _seed(seed)
+    _need(0<valid_pct<1, '--valid-pct', 'in (0,1)', valid_pct)
     _need(action in ('warn','skip','rollback','stop'), '--action', 'warn, skip, rollback or stop', action)
+    _out_dir(out)
     s = _train(path, arch, not no_stem, epochs, lr, size, bs, out, valid_pct, seed, action)
     r = s['runs'][0]
     if 'headline' in r: print(f"{r['name']}: {_plain(r['headline'])}"); print(f"report: {Path(out)/'report.html'}")
     return 1 if r['events'] else 0
 
+# %% ../nbs/13_cli.ipynb #0d5f6071
+def _digits_like(shape):
+    "The digits as `digits_dls` makes them, in `shape` (`c,s,s` images or `s*s` vectors); `None` if they cannot be"
+    from deepstable_fastai.data import digits_tensors
+    if len(shape) not in (1,3): return None
+    flat = len(shape)==1
+    c,s = (1,math.isqrt(shape[0])) if flat else (shape[0],shape[-1])
+    if tuple(shape)!=((s*s,) if flat else (c,s,s)) or c not in (1,3) or not 8<=s<=512: return None
+    return digits_tensors(size=s, channels=c, flat=flat)[1][0] # the valid split: every class, in a fixed order
+
+# %% ../nbs/13_cli.ipynb #2f718293
+def _learner_batch(learn, data, bs):
+    "One batch for exported `learn` through its own pipeline: `data`'s images, else the digits as it was trained on"
+    import torch
+    from fastai.data.transforms import get_image_files
+    from deepstable_fastai.data import digits_folder
+    xs = getattr(learn.dls.train_ds, 'xs', None) # a `TensorDS`: the learner was trained on tensors
+    digits = get_image_files(digits_folder()) if xs is None else _digits_like(xs.shape[1:])
+    items = _images(data, '--data') if data else digits
+    if items is None: _fail(f"TARGET: trained on inputs of shape {tuple(xs.shape[1:])}, which the digits cannot take")
+    idx = torch.randperm(len(items), generator=torch.Generator().manual_seed(0))[:bs].tolist()
+    try: xb = learn.dls.test_dl(items[idx], bs=bs).one_batch()[0]
+    except Exception as e: xb = e # a pipeline for other data (text, tables, tensors) fails in many ways
+    if isinstance(xb, torch.Tensor): return xb
+    _fail(f"--data: the learner's pipeline cannot read the images in {data} ({type(xb).__name__})" if data else
+          f"TARGET: the learner's pipeline cannot read the digits ({type(xb).__name__}); give --data FOLDER")
+
 # %% ../nbs/13_cli.ipynb #49802c81
 def _check_batch(target, data, size, bs, n_in):
     "The model `check` looks at (an exported learner's, trained, or a fresh arch's) and one batch for it"
     from deepstable_fastai.data import digits_image_dls
-    def dls(ch=3):
-        return _image_dls(data, size, bs, 0.2, 42) if data else digits_image_dls(size=size, bs=bs, channels=ch)
     p = Path(target)
     if p.suffix in ('.pkl','.pth') or p.is_file():
         if not p.exists(): _fail(f"TARGET: {p} does not exist")
         from fastai.learner import load_learner
-        try: model = load_learner(p, cpu=True).model.eval() # trained: BatchNorm uses its running statistics
+        try: learn = load_learner(p, cpu=True)
         except Exception as e: _fail(f"TARGET: {p} is not a file saved with learn.export(): {type(e).__name__}")
-        return model, dls().one_batch()[0]
+        return learn.model.eval(), _learner_batch(learn, data, bs) # trained: BatchNorm uses its running statistics
     from fastai.vision.learner import create_vision_model
-    a,d = _resolve_arch(target),dls(1 if n_in==1 else 3)
-    return create_vision_model(a, d.c, pretrained=False, n_in=n_in).train(), d.one_batch()[0] # as batch 1 sees it
+    a = _resolve_arch(target, 'TARGET')
+    d = _image_dls(data, size, bs, 0.2, 42, flag='--data') if data else _flagged(digits_image_dls, size=size, bs=bs)
+    xb = d.one_batch()[0]
+    if xb.shape[1]!=n_in: xb = xb.mean(1, keepdim=True).repeat(1, n_in, 1, 1) # grey, in as many channels as it takes
+    return create_vision_model(a, d.c, pretrained=False, n_in=n_in).train(), xb # as batch 1 sees it
 
 # %% ../nbs/13_cli.ipynb #7b9af7f5
 @call_parse
@@ -174,10 +233,14 @@ def check(target:str, # An arch name (resnet18, xresnet50, ...) or a file saved 
           n_in:int=3): # Input channels for an arch
     "Pre-flight `signal_check` of an arch or an exported learner on one batch; prints the verdict table"
     _one_process('check')
+    _pos(size=size, bs=bs, n_in=n_in)
     import torch, pandas as pd
     from deepstable_fastai.init import signal_check
     model,xb = _check_batch(target, data, size, bs, n_in)
-    r = signal_check(model.cpu(), torch.as_tensor(xb).cpu(), plot=False)
+    try: r = signal_check(model.cpu(), torch.as_tensor(xb).cpu(), plot=False)
+    except RuntimeError as e: # the input does not fit the model: wrong shape or channels
+        _fail(f"{'--data' if data else 'TARGET'}: the model cannot take a batch of shape {tuple(xb.shape)}: "
+              + str(e).partition('\n')[0])
     with pd.option_context('display.max_rows', 200, 'display.width', 200): print(r.table.to_string(index=False))
     print(f"overall: {r.verdict}")
     return 0 if r.verdict=='ok' else 1

@@ -6,7 +6,8 @@ Docs: https://deepstable.github.io/deepstable-fastai/engine.html.md"""
 
 # %% ../nbs/02_engine.ipynb #66426837
 from __future__ import annotations
-import numbers, sys, weakref, warnings
+import functools, logging, numbers, sys, weakref, warnings
+from torch.nn.utils import parametrize
 import torch, torch.nn as nn
 from contextlib import contextmanager
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -22,8 +23,13 @@ from .data import _expect
 __all__ = ['find_modules', 'StatsEngine', 'batch_key', 'training_fit', 'fit_running', 'OpCounter']
 
 # %% ../nbs/02_engine.ipynb #cf1ae385
-def _is_leaf(m): return next(m.children(), None) is None
-def _has_params(m): return next(m.parameters(recurse=False), None) is not None
+def _is_leaf(m): # a layer under weight or spectral norm holds its tensors' originals in a `parametrizations` child
+    return all(n=='parametrizations' for n,_ in m.named_children()) if parametrize.is_parametrized(m) else \
+        next(m.children(), None) is None
+def _own_params(m):
+    "`m`'s own parameters: those it holds, and the originals of its parametrized tensors (weight norm's `g`, `v`)"
+    return [*m.parameters(recurse=False), *(m.parametrizations.parameters() if parametrize.is_parametrized(m) else ())]
+def _has_params(m): return bool(_own_params(m))
 
 # %% ../nbs/02_engine.ipynb #4e7f96e4
 def find_modules(model:nn.Module, # The model to look into
@@ -53,13 +59,17 @@ def find_modules(model:nn.Module, # The model to look into
 # %% ../nbs/02_engine.ipynb #79cbb56a
 def _gone(*args): return None # what a pickled engine loads as
 
-class _DeadHook:
-    "What a pickled hook loads as: it removes itself (and its kind) from the module the first time the module runs"
-    def __call__(self, m, inp, out):
-        for k,h in list(m._forward_hooks.items()):
-            if isinstance(h, _DeadHook): del m._forward_hooks[k]
+# what a pickled hook loads as: a call that does nothing, made of the standard library alone, so that a model saved
+# whole in a fit (`torch.save(learn.model)`) loads where this package is not installed (a level-0 log never emits)
+_LOG = logging.getLogger('deepstable_fastai')
+_INERT = (functools.partial, (_LOG.log, 0))
 
-def _inert(): return _DeadHook()
+def _clear_inert(model):
+    "Take off `model` the hooks that loaded inert (from a model pickled hooked): the next engine leaves none behind"
+    for m in model.modules():
+        for k,h in list(m._forward_hooks.items()):
+            if isinstance(h, functools.partial) and h.args==(0,) and getattr(h.func, '__self__', None) is _LOG:
+                del m._forward_hooks[k]; m._forward_hooks_always_called.pop(k, None)
 
 class _Hook:
     "Forward hook `i` of `engine` (-1: the end of the model's forward pass)"
@@ -69,8 +79,8 @@ class _Hook:
         if self.i>=0:
             if e.active: e._hook(self.i, inp, out)
         elif out is None: e._drop() # the forward pass raised (an `always_call` hook): let go of its outputs
-        elif e.active: e._end()
-    def __reduce__(self): return (_inert, ())
+        elif e.active: e._end(); e.active = False # the batch's forward pass: a later one (a callback's) is not it
+    def __reduce__(self): return _INERT
 
 class _TracedHook(_Hook):
     "`_Hook` of a compiled model: traced into its graph as tensor ops (`_trace`), run as `_Hook` where it runs eagerly"
@@ -126,7 +136,7 @@ class StatsEngine:
         self.set_modules(find_modules(model, modules))
 
     def set_modules(self, named):
-        self.remove()
+        self.remove(); _clear_inert(self.model)
         self.names,self.modules = [n for n,_ in named],[m for _,m in named]
         self.idx = {n:i for i,n in enumerate(self.names)}
         self._cm = _compiled(self.model) # its hooks are traced into its graph: see `_trace`

@@ -6,7 +6,8 @@ Docs: https://deepstable.github.io/deepstable-fastai/guard.html.md"""
 
 # %% ../nbs/06_guard.ipynb #7e0b0ca3
 from __future__ import annotations
-import math, sys, warnings, torch, pandas as pd
+import math, numbers, sys, warnings, torch, pandas as pd
+from torch.nn.parameter import is_lazy
 from contextlib import nullcontext
 from functools import partial
 from typing import NamedTuple
@@ -20,6 +21,7 @@ from fastai.data.load import DataLoader
 from fastai.callback.core import Callback, CancelStepException, CancelFitException, CancelBatchException
 from .stats import STATS, act_types, compiled, kernel_path
 from .engine import StatsEngine, _Loops, batch_key, fit_running, _upload, _cache, _int, _positive_int, _number
+from .engine import _own_params, _has_params
 from .distrib import gather_rows, strip_ddp, ddp_modules, is_dist, world
 from .trackers import log_event, pkg_reduce_ex
 
@@ -137,12 +139,23 @@ def _named_floats(m):
 class _Snapshots:
     "The trusted snapshot of `learn`'s model and optimizer, the one waiting to be trusted, the buffers before a batch"
     def __init__(self, learn):
-        self.learn,self.pending,self.spare = learn,None,None
-        self.bufs = list(learn.model.buffers())
-        self.saved = [b.clone() for b in self.bufs]
-        self.good = {**self.take(), 'iter':None} # the start of the fit
-        ts = _named_floats(get_model(learn.model)) # `after_fit` checks those finite now (not a `-inf` mask): reads
+        self.learn,self.pending,self.spare,self.good,self.saved,self._ids = learn,None,None,None,None,None
+        self.names,self.ok0 = [],None
+        m = learn.model # the buffers by module and name: `bufs` reads them as the model holds them now
+        self._bk = [(o,n) for o in m.modules() for n,b in o._buffers.items() if b is not None]
+        if not any(map(is_lazy, [*m.parameters(), *m.buffers()])): self.start() # else after the first forward
+
+    def start(self):
+        "Snapshot the state at the start of the fit; note the tensors finite then (`after_fit` checks those)"
+        self.good = {**self.take(), 'iter':None}
+        ts = _named_floats(get_model(self.learn.model)) # not a `-inf` mask: read with `after_fit`'s check
         self.names,self.ok0 = list(ts),_finite(list(ts.values()))
+
+    @property
+    def bufs(self):
+        "The model's buffers now: a module that rebinds one (`self.mu = 0.9*self.mu + ...`) is followed"
+        return [o._buffers.get(n) for o,n in self._bk]
+    def live(self): return [b for b in self.bufs if b is not None and not is_lazy(b)]
 
     def check(self):
         "Read once: has a tensor finite at the start of the fit turned non-finite; the parameters never finite"
@@ -171,10 +184,18 @@ class _Snapshots:
         for k in (hp[0] if hp else ()): opt.set_hyper(k, [h[k] for h in hp])
 
     def save_bufs(self):
-        if self.bufs: torch._foreach_copy_(self.saved, self.bufs)
+        "Copy the buffers, to put back if the batches until the next step are bad"
+        bs = self.bufs
+        if not bs: return
+        ids = list(map(id, bs))
+        if ids==self._ids and self._whole: return torch._foreach_copy_(self.saved, bs) # the same tensors: one copy
+        self._ids,self.saved = ids,[None if b is None or is_lazy(b) else b.clone() for b in bs] # new, or rebound
+        self._whole = None not in self.saved
     def restore_bufs(self):
         "Put back the buffers (BatchNorm statistics) as they were before the batches since the last step"
-        if self.bufs: torch._foreach_copy_(self.bufs, self.saved)
+        if self.saved is None: return
+        ps = [(b,s) for b,s in zip(self.bufs, self.saved) if s is not None and b is not None and b.shape==s.shape]
+        if ps: torch._foreach_copy_(*map(list, zip(*ps)))
     def promote(self):
         "Trust the pending snapshot: the batch after it was clean"
         if self.pending is not None: self.spare,self.good,self.pending = self.good,self.pending,None
@@ -348,7 +369,7 @@ def _bwd_math(n, rank, gthr, fwd, cur):
 def _verdict(self:ExplosionGuard):
     "The `(8, 6)` verdict on the device: forward rows, backward rows (non-finite, exploding grad), this batch's first"
     f,p = self._fit,self._pend
-    gs = [o.grad for _,o in f.params]
+    gs = [o.grad if o.requires_grad else None for _,o in f.params] # a frozen one keeps a zeroed gradient
     ii = f.all if not any(g is None for g in gs) else tuple(i for i,g in enumerate(gs) if g is not None)
     f.gii = ii
     if not ii:
@@ -408,7 +429,7 @@ def _start(self:ExplosionGuard):
     if not self._cont: self.events,self.skipped,self._flights,self.bad_samples,self.stop_reason = [],[],[],[],None
     self.lr_scale = 1.
     dev = next(lrn.model.parameters()).device
-    self._fit = _FitState(self, [(n,p) for n,p in lrn.model.named_parameters() if p.requires_grad])
+    self._fit = _FitState(self, list(lrn.model.named_parameters())) # all: a callback may unfreeze some in the fit
     self._base = _Baselines(len(self._engine), self.grad_window, self.grad_warmup, dev)
     self._pend,self._snaps = _Pending(),_Snapshots(lrn)
     # the decision maths: compiled on the device path, eager where the engine takes the CPU C++ path (no compile wait)
@@ -424,7 +445,7 @@ def _modules_changed(self:ExplosionGuard):
     f.nmods,f.cache,f.flight,f.mine = len(e),{},None,set(e.rows(self))
     if len(self._base.vcnt)!=len(e): self._base.resize(len(e))
     self._act = _upload([isinstance(m, act_types) for m in e.modules], torch.bool, dev)
-    pmod = {id(p):i for i,m in enumerate(e.modules) for p in m.parameters(recurse=False)}
+    pmod = {id(p):i for i,m in enumerate(e.modules) for p in _own_params(m)}
     f.pmod = [pmod.get(id(p), -1) for _,p in f.params]
 
 # %% ../nbs/06_guard.ipynb #022199eb
@@ -478,14 +499,29 @@ def _flight_now(self:ExplosionGuard):
     rows = f.flight[:k].clone() if f.nflight<=fb else f.flight.roll(-(f.nflight%fb), 0) # oldest first, no upload
     return [f.fiters[i] for i in ii], rows, [strip_ddp(n) for n in self._engine.users[id(self)]]
 
+_EVKEY = ('epoch','train_iter','kind','layer','action')
+
+@patch
+def _event_idx(self:ExplosionGuard, ev):
+    "Index in `events` of `ev`: an index, an event or a copy of one (`dict(e)`)"
+    n = len(self.events)
+    if isinstance(ev, numbers.Integral) and not isinstance(ev, bool) and -n<=ev<n: return int(ev)%n
+    if isinstance(ev, dict):
+        k = tuple(ev.get(o) for o in _EVKEY)
+        i = next((j for j,e in enumerate(self.events) if e is ev or tuple(e.get(o) for o in _EVKEY)==k), None)
+        if i is not None: return i
+    raise ValueError(f"`ev` must be one of the {n} `events` or its index, got {ev!r}")
+
 @patch
 def flight(self:ExplosionGuard, ev=-1 # An event of `events`, or its index
           ) -> pd.DataFrame: # One row per batch and module: `train_iter`, `module`, `STATS`, `in_bad`
     "The per-module statistics of the batches up to event `ev`, the bad batch last"
     if not self.events: raise ValueError("`ev`: the guard has no event recorded yet")
-    i = ev if isinstance(ev, int) else next(j for j,e in enumerate(self.events) if e is ev)
+    i = self._event_idx(ev)
     cols = ['train_iter','module',*STATS,'in_bad']
     fl = self._flights[i]
+    if fl is False: raise ValueError(f"`ev`: the flight of event {i} was not kept; the guard keeps those of the first "
+                                     f"and the last {_FLIGHTS} events")
     if fl is None: return pd.DataFrame(columns=cols)
     its,t,names = fl
     a = t.cpu().tolist()
@@ -493,9 +529,22 @@ def flight(self:ExplosionGuard, ev=-1 # An event of `events`, or its index
 
 # %% ../nbs/06_guard.ipynb #5b0532b9
 @patch
+def _swapped(self:ExplosionGuard):
+    "`learn.model` was replaced in the fit: watch the new model from here (a first snapshot, baselines), events kept"
+    warnings.warn("ExplosionGuard: `learn.model` was replaced during the fit: the guard watches the new model from "
+                  "this batch on, and a restore goes back no further than this batch")
+    kept = self.events,self.skipped,self._flights,self.bad_samples,self.stop_reason
+    loop = self._off,self._eoff,self._cont,self._tune,self._fitted
+    self.remove(); self._enter(); self._start() # `remove` puts back the lr and the loader; `_start` hooks anew
+    self.events,self.skipped,self._flights,self.bad_samples,self.stop_reason = kept
+    self._off,self._eoff,self._cont,self._tune,self._fitted = loop
+    if self.drop_bad_samples and self.bad_samples: self._drop(self.bad_samples)
+
+@patch
 def before_batch(self:ExplosionGuard):
     "Leave out a batch of a skipped data window; else ask the engine to record this batch"
     if self._engine is None or self._stale(): return
+    if self._engine.model is not self.learn.model: self._swapped()
     f,p = self._fit,self._pend
     self._last = self._off+self.learn.train_iter+1
     if f.skip_left: # `yb=()`: the recorder and the metrics leave the batch out
@@ -536,6 +585,7 @@ def before_step(self:ExplosionGuard):
     "Decide on this batch before the optimizer step"
     if self._engine is None: return
     f,p = self._fit,self._pend
+    if self._snaps.good is None: self._snaps.start() # a lazy module's weights, made by the forward: not stepped yet
     p.decided,f.amp_run,f.transient,f.origin,f.solo = True,0,False,None,p.solo
     R = _rows(self._decide(self._verdict()), KINDS+('current',))
     if not p.seen and (R['nonfinite_loss'].flag or R['exploding_grad'].flag): R = self._localise(R)
@@ -715,7 +765,8 @@ def _replay(self:ExplosionGuard):
     "Replay this batch's forward pass: its forward rows, the leaf row, the names and run order of the leaves"
     m,e,lrn,dev = self.learn.model,self._engine,self.learn,self._base.dev
     leaves = [(n,o) for n,o in m.named_modules() if next(o.children(), None) is None]
-    rec,saved = [],[b.clone() for b in self._snaps.bufs]
+    rec,bufs = [],self._snaps.live()
+    saved = [b.clone() for b in bufs]
     hs = [o.register_forward_hook(partial(_leaf_hook, rec, i)) for i,(_,o) in enumerate(leaves)]
     rng = torch.random.fork_rng(devices=[dev] if dev.type=='cuda' else [])
     with rng, _eager(), e.aside(('replay', lrn.train_iter, id(lrn.xb))):
@@ -725,7 +776,7 @@ def _replay(self:ExplosionGuard):
             rows = self._fwd_checks(ifnone(loss, lrn.loss), count=False)[0]
         finally:
             for h in hs: h.remove()
-            if saved: torch._foreach_copy_(self._snaps.bufs, saved)
+            if saved: torch._foreach_copy_(bufs, saved)
             self._reset()
     R = _rows(self._decide(torch.cat([rows, _leaf_row(rec, dev)[None]])), _FWD+('leaf',))
     return R,leaves,[r[0] for r in rec]
@@ -762,7 +813,7 @@ def _between(self:ExplosionGuard, r, leaves, ran):
     leaf = {id(m):i for i,(_,m) in enumerate(leaves)}
     ia,ib = leaf.get(id(a)),leaf.get(id(b))
     gap = ran[ran.index(ia)+1:ran.index(ib)] if ia in ran and ib in ran else None
-    has_p = next(b.parameters(recurse=False), None) is not None
+    has_p = _has_params(b)
     if has_p and gap==[]: return nb
     return f'between {na!r} and {nb!r}'
 
@@ -808,7 +859,7 @@ def _blame(self:ExplosionGuard):
     xb,yb,m = tuple(lrn.xb),tuple(lrn.yb),lrn.model
     t = first(o for o in xb if isinstance(o, torch.Tensor) and o.dim())
     if t is None: return {}
-    bs,n,rec,bufs = len(t),[0],[],self._snaps.bufs
+    bs,n,rec,bufs = len(t),[0],[],self._snaps.live()
     saved = [b.clone() for b in bufs]
     def bad(ix):
         n[0] += 1; rec.clear()
@@ -884,6 +935,8 @@ def _blame_msg(b):
     if b['samples'] is None: return f", samples at batch positions {b['positions']}"
     return f", samples {b['samples']}{' (left out from now on)' if b.get('dropped') else ''}"
 
+_FLIGHTS = 16
+
 @patch
 def _record(self:ExplosionGuard, kind, layer, value, threshold, action, ranks=None, to='', **blame):
     lrn = self.learn
@@ -899,6 +952,8 @@ def _record(self:ExplosionGuard, kind, layer, value, threshold, action, ranks=No
                      f"({ev['pass']} pass), "
                      f"value {value:.3g}{thr}{_blame_msg(blame)}: {action}{', back to '+to if to else ''}")
     self.events.append(ev); self._flights.append(self._flight_now())
+    j = len(self._flights)-1-_FLIGHTS # the flights of the first and the last `_FLIGHTS` events are kept: bounded
+    if j>=_FLIGHTS: self._flights[j] = False
     log_event(self.learn, ev) # TensorBoard / W&B, when attached
     if self.verbose: self._log(ev['message'])
     if action=='warn': warnings.warn(ev['message'], stacklevel=2)
@@ -942,9 +997,11 @@ def plot_events(self:ExplosionGuard, ax=None):
     import matplotlib.pyplot as plt
     if ax is None: _,ax = plt.subplots(figsize=(7,3))
     rec = getattr(self.learn, 'recorder', None)
-    if rec is not None and len(rec.losses): # the last fit's, after the batches of earlier fits of its `fine_tune`
-        ax.plot(range(self._off, self._off+len(rec.losses)), [float(l) for l in rec.losses], color='k', lw=1,
-                label='train loss')
+    ls = rec.__dict__.get('losses') if rec is not None else None # none before a fit, or after `load_learner`
+    if ls: # the last fit's, after the batches of earlier fits of its `fine_tune`, less those skipped (no loss)
+        sk = set(self.skipped)
+        xs = [s for s in range(self._off, self._off+len(ls)+len(sk)) if s not in sk][:len(ls)]
+        ax.plot(xs, [float(l) for l in ls], color='k', lw=1, label='train loss')
     cs = dict(zip(KINDS+('amp_overflow','nonfinite_weights'), plt.rcParams['axes.prop_cycle'].by_key()['color']))
     for k in dict.fromkeys(e['kind'] for e in self.events):
         for i,e in enumerate(e for e in self.events if e['kind']==k):

@@ -6,7 +6,7 @@ Docs: https://deepstable.github.io/deepstable-fastai/monitor.html.md"""
 
 # %% ../nbs/05_monitor.ipynb #e24a5a64
 from __future__ import annotations
-import math, torch, torch.nn as nn, numpy as np, pandas as pd
+import math, warnings, torch, torch.nn as nn, numpy as np, pandas as pd
 from fastcore.basics import patch, store_attr, first
 from fastcore.foundation import L
 from fastai.callback.core import Callback
@@ -36,6 +36,7 @@ class ActivationMonitor(_Loops, Callback):
     "Record per-layer activation and gradient statistics of training batches on the device, in bounded memory"
     order,__reduce_ex__ = -5,pkg_reduce_ex # loading an export without this package says so
     _count = 0 # batches that could be recorded so far (a class default: also that of a monitor pickled without it)
+    _blind = False # `learn.model` replaced in this fit by one with other layers: see `_swapped`
     def __init__(self,
                  modules=None, # Modules or qualified names to hook; `None`: leaves with parameters, plus activations
                  every:int=1, # Record one training batch in `every`
@@ -91,17 +92,25 @@ def _start(self:ActivationMonitor):
     names = [strip_ddp(n) for n in e.users[id(self)]] # the user's names, also under DDP
     if self.buf is not None and self.buf.shape[-1]==_NCOL-1: # a history kept before the element counts were
         self.buf = torch.cat([self.buf, self.buf.new_full((*self.buf.shape[:2], 1), float('nan'))], -1)
-    if (self.reset_on_fit and not self._cont) or self.buf is None or list(self.names)!=names: self._alloc(names, dev)
+    if self.pos is not None and self.pos.shape[1]==4: # kept before each record said what it measured: not known
+        self.pos = torch.cat([self.pos, self.pos.new_full((len(self.pos), 1), -1)], 1)
+    keep = not (self.reset_on_fit and not self._cont) and self.buf is not None
+    if keep and self.k and list(self.names)!=names:
+        warnings.warn(f"ActivationMonitor: the monitored layers changed ({len(self.names)} -> {len(names)}, first "
+                      f"difference at {_first_diff(self.names, names)!r}): the history starts again")
+    if not keep or list(self.names)!=names: self._alloc(names, dev)
     else:
         self.buf,self.hbuf = self.buf.to(dev),(None if self.hbuf is None else self.hbuf.to(dev))
         p = self.pos[self.k-1] if self.k else None # a validation record's step is the next training batch's
         self._off = max(self._end, int(p[0])+int(p[3]) if self.k else 0) # after the last fit's batches
         self._eoff = max(self._eend, int(p[1])+1 if self.k else 0) # and its epochs
-    self._k0 = self.k # records before this fit are already combined across ranks
+    self._k0,self._blind = self.k,False # records before this fit are already combined across ranks
     self._posn = self.pos.numpy() # a view of `pos`, made once: `after_batch` writes its row with no op and no sync
     self._started,self._nan = True,torch.full((len(names), len(GRAD_STATS)), float('nan'), device=dev)
     self._snap,self._due = None,None # the update sample, made at the first update batch
     self._run(self._off, self._eoff) # see `_Loops`
+
+def _first_diff(a, b): return next((x for x,y in zip(a, b) if x!=y), (list(a)+list(b))[min(len(a), len(b))])
 
 _NCOL = len(MONITOR_STATS)+1 # and the elements behind each record's statistics, for the merge across ranks
 _UR = MONITOR_STATS.index('update_ratio') # after the weight norm
@@ -110,17 +119,31 @@ _UR = MONITOR_STATS.index('update_ratio') # after the weight norm
 def _alloc(self:ActivationMonitor, names, dev):
     self.names,self.k,self.stride,self._logged = list(names),0,1,-1
     self._off,self._end,self._eoff,self._eend,self._count = 0,0,0,0,0 # `_count`: batches that could be recorded
-    self.pos = torch.zeros(self.cap, 4, dtype=torch.long) # on the host, written through a numpy view
+    # on the host, written through a numpy view: step, epoch, iter, train, and what of `GRAD_STATS` was measured
+    # (0: nothing, 1: `grad_norm`, 2: all three); NaN there is then a NaN gradient, not a batch left out
+    self.pos = torch.zeros(self.cap, 5, dtype=torch.long)
     self.buf = torch.full((self.cap, len(names), _NCOL), float('nan'), device=dev)
     self.hbuf = (torch.zeros(self.cap, len(names), self.bins+3, dtype=torch.int32, device=dev)
                  if self.with_hist else None)
 
 # %% ../nbs/05_monitor.ipynb #970341cd
 @patch
+def _swapped(self:ActivationMonitor):
+    "`learn.model` was replaced in the fit (a callback loading another model): hook it; False if its layers differ"
+    e = self._engine; e.release(self.learn, self); self._snap = None
+    e = self._engine = StatsEngine.acquire(self.learn, self, ddp_modules(self.learn.model, self.modules))
+    if [strip_ddp(n) for n in e.users[id(self)]]==list(self.names): return True
+    warnings.warn("ActivationMonitor: `learn.model` was replaced during the fit by a model with other layers: nothing "
+                  "more is recorded in this fit")
+    self._blind = True # until the next fit
+    return False
+
+@patch
 def before_batch(self:ActivationMonitor):
     "Decide whether this batch is recorded and tell the engine"
     if not self._started or self._stale(): return
     L = self.learn # read the loop's state from the learner itself: a callback's attribute fallback is slow
+    if self._blind or (self._engine.model is not L.model and not self._swapped()): self._rec = False; return
     # not the batches of a loop nested in the fit (`validate`, or `get_preds`, which `FetchPredsCallback` runs with
     # no `before_fit`)
     ok,c = ((self._off+L.train_iter)%self.every==0 if L.training else
@@ -256,7 +279,7 @@ def after_batch(self:ActivationMonitor):
     s,n,g = e.mine(self, s),e.mine(self, n),(self._nan if self._g is None else self._g)
     self.buf[k].copy_(torch.cat([s[:,:len(STATS)], g, n.to(g.dtype)], 1))
     if self.hbuf is not None and (h:=e.hists()) is not None: self.hbuf[k].copy_(e.mine(self, h))
-    self._posn[k] = self._where
+    self._posn[k] = (*self._where, 0 if self._g is None else 1+bool(self._upd)) # `_g`: set in `before_step`
     self.k += 1
     if self.k==self.cap: self._halve()
 
@@ -356,6 +379,8 @@ def layer_idx(self:ActivationMonitor, idx):
     if isinstance(idx, str):
         if idx not in self.names: raise ValueError(f"`idx`: {idx!r} is not a monitored layer, see `.names`")
         return self.names.index(idx)
+    if not isinstance(idx, (int, np.integer)) or isinstance(idx, bool):
+        raise ValueError(f"`idx` must be a layer index (int) or name (str), got {idx!r}")
     if not -len(self.names)<=idx<len(self.names):
         raise IndexError(f"`idx`: {idx} is out of range for {len(self.names)} layers")
     return idx%len(self.names)
@@ -395,6 +420,7 @@ def layer_stats(self:ActivationMonitor, idx):
 @patch
 def hist_counts(self:ActivationMonitor, idx):
     "Raw `(records, bins+3)` histogram counts of layer `idx`: the bins, then NaN, -Inf, +Inf"
+    if self.buf is None: raise ValueError("Nothing recorded yet: train with `fit` first")
     if self.hbuf is None: raise ValueError("No histograms: create the monitor with `with_hist=True`")
     return self.hbuf[:self.k, self.layer_idx(idx)].cpu().long()
 
@@ -415,13 +441,22 @@ def _step_ticks(ax, steps, n=6):
 
 # %% ../nbs/05_monitor.ipynb #050c5c07
 @patch
+def _measured(self:ActivationMonitor, stat, v):
+    "`v` (layers, records) of a `GRAD_STATS` stat, its names and steps: the records that measured it, the layers it has"
+    m = self.pos[:self.k, 4].numpy()
+    c = (m>=(1 if stat=='grad_norm' else 2)) | ((m<0) & ~np.isnan(v).all(0)) # a NaN gradient stays: it is the news
+    r = ~np.isnan(v[:, c]).all(1) # layers without parameters (or frozen throughout) have no gradient
+    if not (r.any() and c.any()): raise ValueError(f"`stat`: no record measured {stat!r}" +
+                                                  (" (the monitor has `grads=False`)" if not self.grads else ""))
+    return v[r][:,c],[n for n,k in zip(self.names, r) if k],self.steps.numpy()[c]
+
+@patch
 def plot(self:ActivationMonitor, stat:str='std', log:bool=True, ax=None, figsize=None, max_labels:int=40):
     "Heat map of `stat` for all layers over the records (log10 of its magnitude if `log`); returns the figure"
     import matplotlib.pyplot as plt
+    _positive_int('max_labels', max_labels)
     v,names,steps = self.values(stat).t().double().numpy(),self.names,self.steps.numpy()
-    if stat in GRAD_STATS:   # NaN there means no parameters, or not measured: leave those rows and columns out
-        r,c = ~np.isnan(v).all(1),~np.isnan(v).all(0)
-        v,names,steps = v[r][:,c],[n for n,k in zip(names,r) if k],steps[c]
+    if stat in GRAD_STATS: v,names,steps = self._measured(stat, v)
     bad = ~np.isfinite(v)
     if log: v = np.log10(np.clip(np.abs(np.where(bad, 1., v)), 1e-12, None))
     fig,ax = _ax(ax, figsize or (10, max(3, min(12, 0.18*len(self.names)+1.5))))
@@ -437,13 +472,19 @@ def plot(self:ActivationMonitor, stat:str='std', log:bool=True, ax=None, figsize
     return fig
 
 # %% ../nbs/05_monitor.ipynb #b7f3c144
+def _trace(ax, s, v, tr):
+    "Line of values `v` at steps `s` of the training records (`tr`); validation records as crosses beside it"
+    ax.plot(s[tr], v[tr])
+    if not tr.all(): ax.plot(s[~tr], v[~tr], 'x', color='C1', ms=4, label='validation'); ax.legend(fontsize=7)
+
 @patch
 def plot_layer_stats(self:ActivationMonitor, idx, figsize=(12,3)):
     "Mean, std and near-zero fraction of layer `idx` over the records, as fastai draws them; returns the figure"
+    st,s = self.layer_stats(idx),self.steps.numpy() # a bad `idx` raises before a figure is made
+    tr = self.pos[:self.k,3].numpy()==1 # `record_valid`: a validation record shares its step with the next batch
     fig,axs = subplots(1, 3, figsize=figsize)
-    s = self.steps.numpy()
-    for o,ax,title in zip(self.layer_stats(idx), axs, ('mean','std','% near zero')):
-        ax.plot(s, o.numpy()); ax.set_title(title); ax.set_xlabel('training step')
+    for o,ax,title in zip(st, axs, ('mean','std','% near zero')):
+        _trace(ax, s, o.numpy(), tr); ax.set_title(title); ax.set_xlabel('training step')
     fig.suptitle(self.names[self.layer_idx(idx)])
     return fig
 
@@ -469,10 +510,11 @@ def dead_chart(self:ActivationMonitor, idx=None, thresh:float=0.95, ax=None, fig
     "Fraction of exact zeros: of layer `idx` over time, or of every layer at the end of the run; returns the figure"
     z = self.values('zero')
     if idx is not None:
+        i = self.layer_idx(idx) # before the figure: a bad `idx` leaves none open
         fig,ax = _ax(ax, figsize or (6,3))
-        ax.plot(self.steps.numpy(), z[:,self.layer_idx(idx)].numpy()); ax.set_ylim(-0.02, 1.02)
+        _trace(ax, self.steps.numpy(), z[:,i].numpy(), self.pos[:self.k,3].numpy()==1); ax.set_ylim(-0.02, 1.02)
         ax.axhline(thresh, color='red', lw=0.8, ls='--'); ax.set_xlabel('training step')
-        ax.set_title(f"fraction of zeros: {self.names[self.layer_idx(idx)]}")
+        ax.set_title(f"fraction of zeros: {self.names[i]}")
         return fig
     last = z[-max(1, len(z)//4):].nanmean(0).numpy()
     fig,ax = _ax(ax, figsize or (max(6, 0.15*len(self.names)), 3))

@@ -62,6 +62,8 @@ def _jsonable(o):
     return str(o)
 
 # %% ../nbs/10_report.ipynb #31144a91
+def _cell(o): return str(o).replace('|', r'\|') # a bare `|` would start a new column, also inside `code`
+
 def _row(r):
     e = _first_event(r, r['verdict'])
     first = f"{e['kind']} at epoch {e['epoch']} batch {e['iter']} in `{e.get('layer') or '?'}`" if e else ''
@@ -70,7 +72,7 @@ def _row(r):
     lr = f'{lr:.2g}' if isinstance(lr, float) else ''
     secs = f"{r['secs_per_epoch']:.1f}" if isinstance(r.get('secs_per_epoch'), float) else ''
     cells = (r['name'], r['verdict'], acc, lr, r.get('depth',''), secs, len(r['events']), first)
-    return '| ' + ' | '.join(map(str, cells)) + ' |'
+    return '| ' + ' | '.join(map(_cell, cells)) + ' |'
 
 def write_summary(out:Path, # report folder
                   results:list, # one dict per run
@@ -87,14 +89,14 @@ def write_summary(out:Path, # report folder
     cols = ('run','verdict','accuracy','lr','depth','s/epoch','events','first event')
     md = ["# deepstable stability report", '', *[f"{i}. {s}" for i,s in enumerate(summ['story'], 1)], '',
           '| '+' | '.join(cols)+' |', '|'+'---|'*len(cols), *map(_row, runs), '']
-    md += [f"- **{r['name']}**: {r.get('description','')}. {r['headline']}" +
+    md += [f"- **{r['name']}**: " + (f"{r['description']}. " if r.get('description') else '') + r['headline'] +
            (f". lr {r['lr']:.2g}: {r['lr_reason']}" if r.get('lr_reason') else '') for r in runs]
     for p in summ['panels']: md += ['', f"## {p['title']}", '', p.get('text',''), '', f"![{p['title']}]({p['figure']})"]
     (out/'summary.md').write_text('\n'.join(md)+'\n')
     return summ
 
 # %% ../nbs/10_report.ipynb #72af8a2f
-def _fmt(v): return f'{v:.3g}' if isinstance(v, float) else str(v)
+def _fmt(v): return f'{v:.3g}' if isinstance(v, float) else '' if v is None else str(v)
 
 def _inline(s):
     "Escape `s` for HTML, keeping markdown's `code` and **bold**"

@@ -75,7 +75,17 @@ def test_bad_input_exits_2(tmp_path):
              ('train', empty): 'no image files',
              ('train', broken): 'cannot be read',
              ('train', broken, '--arch', 'resnet9000'): '--arch',
-             ('check', 'resnet9000'): '--arch',
+             ('check', 'resnet9000'): 'TARGET: unknown architecture',  # `check` has no --arch
+             ('check', 'resnet18', '--bs', 0): '--bs must be positive, got 0',
+             ('check', 'resnet18', '--size', -4): '--size must be positive',
+             ('check', 'resnet18', '--size', 4): '--size must be an int in [8,512], got 4',  # data._expect's, as a flag
+             ('check', 'resnet18', '--n-in', 0): '--n-in must be positive',
+             ('check', 'resnet18', '--data', tmp_path/'missing'): '--data: ',
+             ('demo', '--seed', -1): '--seed must be in',
+             ('demo', '--out', broken/'class0'/'1.png'): '--out: ',  # a file: refused before any training
+             ('train', broken, '--out', broken/'class0'/'1.png'/'sub'): '--out: cannot write into',
+             ('train', broken, '--lr', -1): '--lr must be positive',
+             ('train', broken, '--seed', -1): '--seed must be in',
              ('nope',): 'unknown command'}
     for args,msg in cases.items():
         r = cli(*args)
@@ -91,6 +101,8 @@ def test_help_everywhere():
 def test_check_arch():
     r = cli('check', 'resnet18', '--size', 32)
     assert r.returncode in (0,1) and 'overall:' in r.stdout, r.stderr[-2000:]
+    r = cli('check', 'resnet18', '--size', 32, '--bs', 4, '--n-in', 2)  # digits in grey, in 2 channels
+    assert r.returncode in (0,1) and 'overall:' in r.stdout, r.stderr[-2000:]
 
 def test_check_exported_learner(tmp_path):
     from deepstable_fastai.data import digits_image_dls
@@ -101,6 +113,23 @@ def test_check_exported_learner(tmp_path):
     assert r.returncode==0 and 'overall: ok' in r.stdout, r.stdout+r.stderr[-2000:]
     r = cli('check', tmp_path/'missing.pkl')
     assert r.returncode==2 and 'does not exist' in r.stderr
+
+def test_check_exported_learner_own_batch(tmp_path):
+    "An exported learner gets a batch through its own pipeline; one its data does not fit is a usage error"
+    import torch.nn as nn
+    from fastai.learner import Learner
+    from fastai.losses import CrossEntropyLossFlat
+    from deepstable_fastai.data import digits_dls, digits_image_dls
+    conv = lambda: nn.Sequential(nn.Conv2d(1,4,3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4,10))
+    Learner(digits_dls(), conv(), loss_func=CrossEntropyLossFlat()).export(tmp_path/'conv1.pkl')
+    r = cli('check', tmp_path/'conv1.pkl')  # trained on 1-channel 8x8 digits tensors
+    assert r.returncode==0 and 'overall: ok' in r.stdout, r.stdout+r.stderr[-2000:]
+    rgb = digits_image_dls(tmp_path/'cache', size=8)
+    Learner(rgb, conv(), loss_func=CrossEntropyLossFlat()).export(tmp_path/'rgb.pkl')
+    r = cli('check', tmp_path/'rgb.pkl')  # its pipeline makes RGB images its 1-channel model cannot take
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode==2 and 'Traceback' not in r.stderr, r.stderr[-2000:]
+    assert last.startswith('deepstable check: TARGET: the model cannot take a batch of shape (32, 3, 8, 8)'), last
 
 def test_train_under_torchrun(tmp_path):
     "`torchrun` starts two `deepstable train` processes: they train together and rank 0 alone writes the report"

@@ -520,5 +520,152 @@ def test_replaced_buffer_checked_at_the_end():
     m = nn.Sequential(nn.Flatten(), EMA(64), nn.Linear(64,32), nn.ReLU(), nn.Linear(32,10))
     m.register_buffer('placeholder', torch.empty(0))
     g = ExplosionGuard('skip', verbose=False); learn = learner([g], m)
-    fit(learn, 1, 1e-2, cbs=nan_batch(len(learn.dls.train)-1)) # its NaN reaches `mu`, which no step undoes
-    assert [e['kind'] for e in g.events]==['nonfinite_act', 'nonfinite_weights'] and m[1].mu.isfinite().all()
+    class Spoil(Callback): # a NaN `mu` bound after the last step: no skip can undo it, the end of the fit does
+        def after_batch(self):
+            if self.training and self.iter==len(self.dls.train)-1: m[1].mu = m[1].mu*float('nan')
+    fit(learn, 1, 1e-2, cbs=Spoil())
+    assert [e['kind'] for e in g.events]==['nonfinite_weights'] and m[1].mu.isfinite().all()
+
+# ---- Third sweep (2026-12-02, evening): models copied, changed, saved and read after training ----
+
+def _nan_grad_hook(param):
+    "Make `param`'s next gradient NaN, once"
+    h = []
+    def f(g): h[0].remove(); return g*float('nan')
+    h.append(param.register_hook(f))
+
+def test_unfrozen_in_the_fit_is_checked():
+    "A layer a callback unfreezes in the fit has its gradients checked too (the guard listed the trainable ones once)"
+    from fastai.torch_core import params
+    m = mlp(); g = ExplosionGuard('skip', verbose=False)
+    set_seed(0)
+    learn = Learner(digits_dls(size=8, bs=64), m, loss_func=CrossEntropyLossFlat(), cbs=[g],
+                    splitter=lambda m: [params(m[1]), params(m[2:])])
+    learn.freeze()
+    class Thaw(Callback):
+        order = 0
+        def before_epoch(self):
+            if self.epoch==1: self.learn.unfreeze()
+        def before_backward(self):
+            if self.epoch==1 and self.iter==3: _nan_grad_hook(m[1].weight)
+    fit(learn, 2, 1e-2, cbs=Thaw())
+    assert [(e['kind'], e['layer'], e['epoch'], e['iter']) for e in g.events]==[('nonfinite_grad', '1.weight', 1, 3)]
+    assert all(p.isfinite().all() for p in m.parameters())
+
+class RunningCenter(nn.Module):
+    "Centres its input on a running mean it rebinds each batch (`self.mu = ...`), as EMA and VQ-VAE code do"
+    def __init__(self, n): super().__init__(); self.register_buffer('mu', torch.zeros(n))
+    def forward(self, x):
+        if self.training: self.mu = 0.9*self.mu + 0.1*x.detach().mean(0)
+        return x - self.mu
+
+def test_rebound_buffer_put_back_by_a_skip():
+    m = nn.Sequential(nn.Flatten(), nn.Linear(64,32), RunningCenter(32), nn.ReLU(), nn.Linear(32,10))
+    g = ExplosionGuard('skip', verbose=False); learn = learner([g], model=m)
+    fit(learn, 1, 1e-2, cbs=[nan_batch(5)])
+    assert [(e['kind'], e['iter']) for e in g.events]==[('nonfinite_act', 5)] # one skip, not a run of them
+    assert m[2].mu.isfinite().all()
+
+def test_lazy_modules_under_the_guard():
+    m = nn.Sequential(nn.Flatten(), nn.LazyLinear(32), nn.ReLU(), nn.Linear(32,10))
+    g = ExplosionGuard('rollback', verbose=False); learn = learner([g], model=m)
+    fit(learn, 1, 1e-2, cbs=[nan_batch(4)])
+    assert [(e['kind'], e['iter']) for e in g.events]==[('nonfinite_act', 4)]
+    assert all(p.isfinite().all() for p in m.parameters())
+
+def test_flights_kept_bounded():
+    "Under 'warn', an event every batch keeps the flights of the first and the last 16 events only"
+    from deepstable_fastai.guard import _FLIGHTS
+    g = ExplosionGuard('warn', std_max=1e-3, verbose=False); learn = learner([g])
+    fit(learn, 2, 1e-3)
+    n = len(g.events); assert n > 2*_FLIGHTS
+    kept = [i for i,f in enumerate(g._flights) if f is not False]
+    assert kept==list(range(_FLIGHTS))+list(range(n-_FLIGHTS, n))
+    assert len(g.flight(dict(g.events[-1]))) and len(g.flight(np.int64(0))) # a copy of an event, a numpy index
+    with pytest.raises(ValueError, match='not kept'): g.flight(_FLIGHTS+1)
+    with pytest.raises(ValueError, match='`ev` must be'): g.flight(n)
+    with pytest.raises(ValueError, match='`ev` must be'): g.flight(0.)
+
+def test_plot_events_without_losses_and_after_skips(tmp_path):
+    import matplotlib; matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from fastai.learner import load_learner
+    g = ExplosionGuard('rollback', skip_batches=3, verbose=False); learn = learner([g])
+    plt.close(g.plot_events()) # before any fit: no losses
+    fit(learn, 2, 1e-2, cbs=[nan_batch(8)])
+    assert g.skipped==[9, 10, 11]
+    x = g.plot_events().axes[0].lines[0].get_xdata(); plt.close('all')
+    assert list(x)==[s for s in range(len(x)+3) if s not in (9, 10, 11)] # the skipped batches have no loss
+    learn.export(tmp_path/'l.pkl'); l2 = load_learner(tmp_path/'l.pkl') # a loaded recorder has no `losses`
+    plt.close(l2.explosion_guard.plot_events())
+
+def test_forward_after_the_batch_not_recorded():
+    "A callback's forward pass after the batch's (a probe batch) is not summed into the batch's record"
+    probe = torch.randn(8, 1, 8, 8)*100
+    class Probe(Callback):
+        def after_step(self):
+            with torch.no_grad(): self.learn.model(probe)
+    out = []
+    mon = ActivationMonitor(modules=['1']); learn = learner([mon, Probe()])
+    h = learn.model[1].register_forward_hook(lambda m,i,o: out.append(o.detach().abs().max().item()))
+    fit(learn, 1, 1e-2); h.remove()
+    train = out[:-len(learn.dls.valid)][0::2] # the batch's forward, then the probe's
+    assert np.allclose(mon.values('absmax', '1').numpy(), train, rtol=1e-5)
+
+def test_parametrized_layers_are_watched():
+    "weight_norm / spectral_norm layers stay in the default selection, and their gradients have their module"
+    wn,sn = nn.utils.parametrizations.weight_norm,nn.utils.parametrizations.spectral_norm
+    m = nn.Sequential(nn.Flatten(), wn(nn.Linear(64,32)), nn.ReLU(), sn(nn.Linear(32,10)))
+    mon,g = ActivationMonitor(),ExplosionGuard('skip', verbose=False)
+    learn = learner([mon, g], model=m)
+    class Grad(Callback):
+        def before_backward(self):
+            if self.iter==4: _nan_grad_hook(m[1].parametrizations.weight.original1)
+    fit(learn, 1, 1e-2, cbs=Grad())
+    assert mon.names==['1', '2', '3']
+    assert [(e['kind'], e['layer'], e['iter']) for e in g.events]==[('nonfinite_grad', '1.parametrizations.weight.original1', 4)]
+    v = mon.values('grad_norm', '1') # the monitor reads the gradient before the guard skips it
+    assert v[4].isnan() and v[torch.arange(len(v))!=4].isfinite().all()
+
+def test_model_replaced_in_the_fit():
+    "A callback that loads another model mid-fit: the monitor and the guard follow it (with a warning for the guard)"
+    import copy
+    class Revert(Callback):
+        order = 30
+        def after_epoch(self):
+            if self.epoch==0: self.best = copy.deepcopy(self.learn.model)
+            if self.epoch==1: self.learn.model = copy.deepcopy(self.best); self.learn.create_opt()
+        def before_backward(self):
+            if self.epoch==2 and self.iter==3: _nan_grad_hook(self.learn.model[1].weight)
+    mon,g = ActivationMonitor(),ExplosionGuard('skip', verbose=False)
+    learn = learner([mon, g])
+    with pytest.warns(UserWarning, match='replaced during the fit'): fit_w(learn, 3, 1e-2, cbs=Revert())
+    n = len(learn.dls.train)
+    assert [int((mon.pos[:mon.k,1]==e).sum()) for e in range(3)]==[n]*3
+    assert mon.values('std')[2*n:].isfinite().all()
+    assert [(e['kind'], e['epoch'], e['iter']) for e in g.events]==[('nonfinite_grad', 2, 3)]
+    assert all(p.isfinite().all() for p in learn.model.parameters()) and hooks(learn.model)==0
+
+def fit_w(learn, *a, **k):
+    "`fit` with its warnings let through"
+    with learn.no_bar(), learn.no_logging(): learn.fit(*a, **k)
+
+def test_history_dropped_with_a_warning():
+    "`reset_on_fit=False` and other layers next fit: the history starts again, with a warning"
+    mon = ActivationMonitor(reset_on_fit=False); learn = learner([mon])
+    fit(learn, 1, 1e-2)
+    learn.model = nn.Sequential(learn.model); learn.create_opt()
+    with pytest.warns(UserWarning, match='history starts again'): fit_w(learn, 1, 1e-2)
+    assert mon.steps[0]==0 and mon.names[0]=='0.1'
+
+def test_model_saved_whole_in_a_fit_loads_without_the_package(tmp_path):
+    import subprocess, sys
+    from test_load_without_package import HIDE
+    class Save(Callback):
+        def after_step(self):
+            if self.iter==2: torch.save(self.learn.model, tmp_path/'m.pt')
+    learn = learner([ActivationMonitor(), ExplosionGuard('skip', verbose=False)])
+    fit(learn, 1, 1e-2, cbs=Save())
+    code = HIDE + "import torch; m = torch.load(__import__('sys').argv[1], weights_only=False); m(torch.randn(2,1,8,8)); print('OK')"
+    r = subprocess.run([sys.executable, '-c', code, str(tmp_path/'m.pt')], capture_output=True, text=True)
+    assert r.stdout.strip()=='OK', r.stderr[-2000:]
