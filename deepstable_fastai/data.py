@@ -72,7 +72,7 @@ class TensorDL(TfmdDL):
     def c(self): return len(self.vocab) if self.vocab is not None else 1
     def create_batches(self, samps):
         if not isinstance(self.dataset, TensorDS): # a `test_dl`: bare inputs, made tuples as fastai's pipelines make them
-            yield from (b if isinstance(b, tuple) else (b,) for b in super().create_batches(samps)); return
+            yield from (tuple(b) if isinstance(b, (tuple,list)) else (b,) for b in super().create_batches(samps)); return
         idxs = torch.tensor(list(samps), dtype=torch.long)
         for b in idxs.split(self.bs):
             if self.drop_last and len(b)<self.bs: return

@@ -64,12 +64,23 @@ def _gone(*args): return None # what a pickled engine loads as
 _LOG = logging.getLogger('deepstable_fastai')
 _INERT = (functools.partial, (_LOG.log, 0))
 
+class _DeadHook:
+    "A hook copied in the process (`deepcopy`: an EMA or `AveragedModel` copy): it takes itself off at its first call"
+    def __call__(self, m, *args):
+        for d in (m._forward_hooks, m._forward_pre_hooks):
+            for k,h in list(d.items()):
+                if isinstance(h, _DeadHook): del d[k]
+
+def _inert(): return _DeadHook() # what hooks pickled before 2026-12-03 load as
+
 def _clear_inert(model):
     "Take off `model` the hooks that loaded inert (from a model pickled hooked): the next engine leaves none behind"
     for m in model.modules():
-        for k,h in list(m._forward_hooks.items()):
-            if isinstance(h, functools.partial) and h.args==(0,) and getattr(h.func, '__self__', None) is _LOG:
-                del m._forward_hooks[k]; m._forward_hooks_always_called.pop(k, None)
+        for d in (m._forward_hooks, m._forward_pre_hooks):
+            for k,h in list(d.items()):
+                if isinstance(h, _DeadHook) or (isinstance(h, functools.partial) and h.args==(0,) and
+                                                getattr(h.func, '__self__', None) is _LOG):
+                    del d[k]; m._forward_hooks_always_called.pop(k, None)
 
 class _Hook:
     "Forward hook `i` of `engine` (-1: the end of the model's forward pass)"
@@ -79,8 +90,14 @@ class _Hook:
         if self.i>=0:
             if e.active: e._hook(self.i, inp, out)
         elif out is None: e._drop() # the forward pass raised (an `always_call` hook): let go of its outputs
-        elif e.active: e._end(); e.active = False # the batch's forward pass: a later one (a callback's) is not it
-    def __reduce__(self): return _INERT
+        elif e.active: e._end(); e._done = True
+    def __reduce__(self): return _INERT # pickled (`torch.save(model)`): loads without this package
+    def __deepcopy__(self, memo): return _DeadHook() # copied in the process: goes at its first call
+
+class _Again(_Hook):
+    "Forward pre-hook of the model: a second forward pass in the batch (a callback's probe batch) is not recorded"
+    def __call__(self, m, inp):
+        if self.e._done: self.e.active = False
 
 class _TracedHook(_Hook):
     "`_Hook` of a compiled model: traced into its graph as tensor ops (`_trace`), run as `_Hook` where it runs eagerly"
@@ -146,6 +163,8 @@ class StatsEngine:
         # `always_call` (to let go of staged outputs when the forward pass raises: eager only) makes dynamo guard on
         # the hook's id, where `nn.Module.compile` traces the model's own hooks: one more graph each fit
         self.handles.append(self.model.register_forward_hook(H(self, -1), always_call=not self._cm))
+        # eager only: layers a loss runs after the model's forward pass (a GAN's critic) are the batch's
+        if not self._cm: self.handles.append(self.model.register_forward_pre_hook(_Again(self, -1)))
         self.raw = self.rhist = self._seg = self.thist = None; self._traced,self._tq = False,{}
         self._slots,self._meta,self._ids,self._nidx,self._defer,self._warned,self._tr = {},{},None,{},{},False,True
         self._ixs = {} # index and mask of a subset of `params` (those with gradients...), per subset: see `_index`
@@ -154,7 +173,7 @@ class StatsEngine:
 
     def _reset(self):
         self._wait = list(self._sets) # users none of whose modules ran yet this batch: see `_lead`
-        self.order,self._stats,self._gn,self.do_hist,self._fresh = [],None,None,False,True
+        self.order,self._stats,self._gn,self.do_hist,self._fresh,self._done = [],None,None,False,True,False
         self._pgn = None # this batch's gradient norms, shared by the users: see `param_grad_norms`
         if self._traced: self._tzero() # sums a compiled graph left that nobody read
         self._drop()
@@ -489,11 +508,12 @@ def aside(self:StatsEngine, key, check_inputs:bool=True):
     "Record the forward passes inside the block as batch `key`, then put back the current batch's records"
     self._settle()
     ts = [None if t is None else t.clone() for t in (self.raw, self.rhist)]
-    st = (self.key, self.active, self.order, self._stats, self._gn, self.do_hist, self._fresh, self.check_inputs)
+    st = (self.key, self.active, self.order, self._stats, self._gn, self.do_hist, self._fresh, self.check_inputs,
+          self._done)
     self.begin(key); self.check_inputs = check_inputs
     try: yield self
     finally:
-        self.key,self.active,self.order,self._stats,self._gn,self.do_hist,self._fresh,self.check_inputs = st
+        self.key,self.active,self.order,self._stats,self._gn,self.do_hist,self._fresh,self.check_inputs,self._done = st
         self._drop()
         if self._traced: self._tzero()
         self.raw,self.rhist = ts

@@ -134,7 +134,8 @@ def _finite(ts):
 
 def _named_floats(m):
     "`{name: tensor}` of model `m`'s parameters and floating buffers that hold elements"
-    return {n:t for n,t in [*m.named_parameters(), *m.named_buffers()] if t.is_floating_point() and t.numel()}
+    return {n:t for n,t in [*m.named_parameters(), *m.named_buffers()]
+            if not is_lazy(t) and t.is_floating_point() and t.numel()}
 
 class _Snapshots:
     "The trusted snapshot of `learn`'s model and optimizer, the one waiting to be trusted, the buffers before a batch"
@@ -170,15 +171,17 @@ class _Snapshots:
         "Copy model and optimizer state into `dst` (buffers reused) and return it"
         with torch.no_grad():
             ms = list(self.learn.model.state_dict().values())
-            mb = dst['model'] if dst is not None and len(dst['model'])==len(ms) else [t.detach().clone() for t in ms]
-            if dst is not None and mb is dst['model']: torch._foreach_copy_(mb, ms)
+            mb = dst['model'] if dst is not None and len(dst['model'])==len(ms) else None
+            if mb is not None and all(t is not None for t in mb): torch._foreach_copy_(mb, ms)
+            else: mb = [None if is_lazy(t) else t.detach().clone() for t in ms] # a lazy module never run: nothing
         opt = _copy_into(dst['opt'] if dst else None, self.learn.opt.state_dict())
         return dict(model=mb, opt=opt, iter=self.learn.train_iter)
 
     def restore(self, snap=None):
         "Load `snap` (default: the trusted one) back into the model and the optimizer's state, keeping today's hypers"
         snap,opt = ifnone(snap, self.good),self.learn.opt
-        with torch.no_grad(): torch._foreach_copy_(list(self.learn.model.state_dict().values()), snap['model'])
+        ps = [(t,s) for t,s in zip(self.learn.model.state_dict().values(), snap['model']) if s is not None]
+        with torch.no_grad(): torch._foreach_copy_(*map(list, zip(*ps)))
         hp = [dict(h) for h in opt.hypers] # the schedule's, or `ReduceLROnPlateau`'s: not the snapshot's
         opt.load_state_dict(_copy_into(None, snap['opt']))
         for k in (hp[0] if hp else ()): opt.set_hyper(k, [h[k] for h in hp])
@@ -196,6 +199,8 @@ class _Snapshots:
         if self.saved is None: return
         ps = [(b,s) for b,s in zip(self.bufs, self.saved) if s is not None and b is not None and b.shape==s.shape]
         if ps: torch._foreach_copy_(*map(list, zip(*ps)))
+        if not self._whole: # lazy when saved (a `LazyBatchNorm` before its first forward): back to their first values
+            for o in {o for (o,_),s in zip(self._bk, self.saved) if s is None}: getattr(o, 'reset_running_stats', noop)()
     def promote(self):
         "Trust the pending snapshot: the batch after it was clean"
         if self.pending is not None: self.spare,self.good,self.pending = self.good,self.pending,None
@@ -507,8 +512,9 @@ def _event_idx(self:ExplosionGuard, ev):
     n = len(self.events)
     if isinstance(ev, numbers.Integral) and not isinstance(ev, bool) and -n<=ev<n: return int(ev)%n
     if isinstance(ev, dict):
-        k = tuple(ev.get(o) for o in _EVKEY)
-        i = next((j for j,e in enumerate(self.events) if e is ev or tuple(e.get(o) for o in _EVKEY)==k), None)
+        k = tuple(ev.get(o) for o in _EVKEY) # the event itself, else the first equal to it
+        i = next((j for j,e in enumerate(self.events) if e is ev), None)
+        if i is None: i = next((j for j,e in enumerate(self.events) if tuple(e.get(o) for o in _EVKEY)==k), None)
         if i is not None: return i
     raise ValueError(f"`ev` must be one of the {n} `events` or its index, got {ev!r}")
 
@@ -585,7 +591,6 @@ def before_step(self:ExplosionGuard):
     "Decide on this batch before the optimizer step"
     if self._engine is None: return
     f,p = self._fit,self._pend
-    if self._snaps.good is None: self._snaps.start() # a lazy module's weights, made by the forward: not stepped yet
     p.decided,f.amp_run,f.transient,f.origin,f.solo = True,0,False,None,p.solo
     R = _rows(self._decide(self._verdict()), KINDS+('current',))
     if not p.seen and (R['nonfinite_loss'].flag or R['exploding_grad'].flag): R = self._localise(R)
@@ -598,6 +603,7 @@ def before_step(self:ExplosionGuard):
 def _good(self:ExplosionGuard, promote=True):
     "Bookkeeping of a batch that steps: promote the pending snapshot, grow the baselines, back off the lr"
     f,b,p = self._fit,self._base,self._pend
+    if self._snaps.good is None: self._snaps.start() # lazy modules: the weights their first forward made, unstepped
     f.ok = promote
     if promote:
         f.badrun,f.backed = 0,False
@@ -643,6 +649,7 @@ def _act_on(self:ExplosionGuard, R):
     if k is None: return self._good()
     a,why = self._escalate()
     deep = a=='stop' or (a=='rollback' and f.badrun>0) # to the trusted snapshot, else to the state before this batch
+    deep &= snaps.good is not None # none yet (lazy modules, no step taken): the state before this batch is the start
     to = '' if a in ('warn','skip') else _where(snaps.good) if deep else 'the state before this batch'
     if a=='rollback' and self.skip_batches: to += f', leaving out the next {self.skip_batches} batches'
     blame = self._blame() if k in ('nonfinite_act','nonfinite_loss') and f.solo and not f.transient else {}

@@ -101,14 +101,18 @@ class _Stop(Exception): pass
 @contextlib.contextmanager
 def _untouched(model):
     "Put back `model`'s modes, its buffers (BatchNorm statistics) and the random state (Dropout's) after the block"
-    modes,bufs = {m:m.training for m in model.modules()},list(model.buffers())
-    saved = [b.clone() for b in bufs]
-    devs = sorted({b.device.index for b in [*bufs, *model.parameters()] if b.device.type=='cuda'})
+    modes = {m:m.training for m in model.modules()}
+    saved = {(o,n):b.clone() for o in model.modules() for n,b in o._buffers.items() if b is not None}
+    devs = sorted({b.device.index for b in [*saved.values(), *model.parameters()] if b.device.type=='cuda'})
     try:
         with torch.random.fork_rng(devices=devs): yield
     finally:
         for m,t in modes.items(): m.training = t
-        with torch.no_grad(): torch._foreach_copy_(bufs, saved) if bufs else None
+        with torch.no_grad(): # by module and name: also a buffer the pass rebound (`self.mu = ...`)
+            for (o,n),b in saved.items():
+                c = o._buffers.get(n)
+                if c is not None and c.shape==b.shape and c.dtype==b.dtype: c.copy_(b)
+                else: o._buffers[n] = b
 
 def _forward_order(model, xb):
     "Weight layers of `model` in the order a forward pass on `xb` reaches them"

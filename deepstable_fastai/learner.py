@@ -125,8 +125,9 @@ def insert_stem_(model:nn.Module, stem:nn.Module|None=None): # `stem` as in `Wit
     if isinstance(c, WithStem): return model
     if p is None: raise ValueError(f"`model` ({type(model).__name__}) holds its first parameter itself; wrap the "
                                    "model as `WithStem(model)`")
-    w = next(c.parameters()) # the stem on the layer's device, in its dtype and its train/eval mode
-    setattr(p, n, WithStem(c, stem).to(w.device, w.dtype if w.is_floating_point() else None).train(c.training))
+    w,s = next(c.parameters()),WithStem(c, stem) # the stem on the layer's device, in its dtype and train/eval mode
+    s.stem.to(w.device, w.dtype if w.is_floating_point() else None).train(c.training)
+    setattr(p, n, s)
     return model
 
 # %% ../nbs/09_learner.ipynb #a5ae74c3

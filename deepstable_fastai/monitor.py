@@ -443,7 +443,7 @@ def _step_ticks(ax, steps, n=6):
 @patch
 def _measured(self:ActivationMonitor, stat, v):
     "`v` (layers, records) of a `GRAD_STATS` stat, its names and steps: the records that measured it, the layers it has"
-    m = self.pos[:self.k, 4].numpy()
+    m = self.pos[:self.k, 4].numpy() if self.pos.shape[1]>4 else np.full(self.k, -1) # kept before it was noted
     c = (m>=(1 if stat=='grad_norm' else 2)) | ((m<0) & ~np.isnan(v).all(0)) # a NaN gradient stays: it is the news
     r = ~np.isnan(v[:, c]).all(1) # layers without parameters (or frozen throughout) have no gradient
     if not (r.any() and c.any()): raise ValueError(f"`stat`: no record measured {stat!r}" +

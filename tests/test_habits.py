@@ -669,3 +669,42 @@ def test_model_saved_whole_in_a_fit_loads_without_the_package(tmp_path):
     code = HIDE + "import torch; m = torch.load(__import__('sys').argv[1], weights_only=False); m(torch.randn(2,1,8,8)); print('OK')"
     r = subprocess.run([sys.executable, '-c', code, str(tmp_path/'m.pt')], capture_output=True, text=True)
     assert r.stdout.strip()=='OK', r.stderr[-2000:]
+
+# A review of the third sweep's fixes (2026-12-02, late)
+
+class GenCritic(nn.Module):
+    "A GAN's shape: the model's forward runs the generator, the loss runs the critic on its output"
+    def __init__(self):
+        super().__init__()
+        self.gen = nn.Sequential(nn.Flatten(), nn.Linear(64,32), nn.ReLU())
+        self.critic = nn.Sequential(nn.Linear(32,10))
+    def forward(self, x): return self.gen(x)
+
+def test_layers_the_loss_runs_are_recorded():
+    "Layers a loss function runs after the model's forward pass (fastai's `GANLoss` runs the critic) are the batch's"
+    m = GenCritic(); mon = ActivationMonitor()
+    set_seed(0)
+    learn = Learner(digits_dls(size=8, bs=64), m, loss_func=lambda out, y: nn.functional.cross_entropy(m.critic(out), y),
+                    cbs=[mon, ExplosionGuard('skip', verbose=False)])
+    fit(learn, 1, 1e-2)
+    assert 'critic.0' in mon.names and mon.values('std').isfinite().all()
+
+def test_lazy_batchnorm_bad_first_batch():
+    "A lazy BatchNorm whose first batch is bad: the skip puts its statistics back to their first values"
+    m = nn.Sequential(nn.Flatten(), nn.LazyLinear(32), nn.LazyBatchNorm1d(), nn.ReLU(), nn.Linear(32,10))
+    g = ExplosionGuard('skip', verbose=False); learn = learner([g], model=m)
+    fit(learn, 1, 1e-2, cbs=[nan_batch(0)])
+    assert [(e['kind'], e['iter']) for e in g.events]==[('nonfinite_act', 0)]
+    assert m[2].running_mean.isfinite().all() and all(p.isfinite().all() for p in m.parameters())
+
+def test_lazy_model_cancelled_first_step():
+    "A step cancelled before the guard decides, at the first batch of a lazy model (no snapshot yet): no crash"
+    m = nn.Sequential(nn.Flatten(), nn.LazyLinear(32), nn.ReLU(), nn.Linear(32,10))
+    class Cancel(Callback):
+        order = 10 # before the guard, as `MixedPrecision`'s overflow skip
+        def before_step(self):
+            if self.iter==0: raise CancelStepException()
+    from fastai.callback.core import CancelStepException
+    g = ExplosionGuard('stop', verbose=False); learn = learner([g, Cancel()], model=m)
+    fit(learn, 1, 1e-2, cbs=[nan_batch(0)])
+    assert [e['kind'] for e in g.events]==['nonfinite_act'] and g.stop_reason is not None
