@@ -66,21 +66,21 @@ _INERT = (functools.partial, (_LOG.log, 0))
 
 class _DeadHook:
     "A hook copied in the process (`deepcopy`: an EMA or `AveragedModel` copy): it takes itself off at its first call"
-    def __call__(self, m, *args):
-        for d in (m._forward_hooks, m._forward_pre_hooks):
-            for k,h in list(d.items()):
-                if isinstance(h, _DeadHook): del d[k]
+    def __call__(self, m, *args): _drop_inert(m)
 
 def _inert(): return _DeadHook() # what hooks pickled before 2026-12-03 load as
 
+def _drop_inert(m):
+    "Take off module `m` the hooks that were ours and are inert now (copied, or loaded from a pickle)"
+    for d in (m._forward_hooks, m._forward_pre_hooks):
+        for k,h in list(d.items()):
+            if isinstance(h, _DeadHook) or (isinstance(h, functools.partial) and h.args==(0,) and
+                                            getattr(h.func, '__self__', None) is _LOG):
+                del d[k]; m._forward_hooks_always_called.pop(k, None)
+
 def _clear_inert(model):
     "Take off `model` the hooks that loaded inert (from a model pickled hooked): the next engine leaves none behind"
-    for m in model.modules():
-        for d in (m._forward_hooks, m._forward_pre_hooks):
-            for k,h in list(d.items()):
-                if isinstance(h, _DeadHook) or (isinstance(h, functools.partial) and h.args==(0,) and
-                                                getattr(h.func, '__self__', None) is _LOG):
-                    del d[k]; m._forward_hooks_always_called.pop(k, None)
+    for m in model.modules(): _drop_inert(m)
 
 class _Hook:
     "Forward hook `i` of `engine` (-1: the end of the model's forward pass)"
