@@ -39,39 +39,44 @@ CONFIGS = {
 
 _EVENTS = ('before_fit','before_train','before_batch','after_loss','before_step','after_step','after_cancel_step','after_train','after_fit')
 
+_PER_FIT = ('before_fit','before_train','after_train','after_fit')
+
 def timed(guard):
-    "`guard` with the CPU time of each of its events added up in `guard.cpu` (seconds)"
-    guard.cpu = 0.
+    "`guard` with the CPU time of its events added up: per batch in `guard.cpu`, per fit in `guard.fit_cpu` (seconds)"
+    guard.cpu = guard.fit_cpu = 0.
     for n in _EVENTS:
-        f = getattr(guard, n)
-        def g(f=f):
+        f,k = getattr(guard, n),('fit_cpu' if n in _PER_FIT else 'cpu')
+        def g(f=f, k=k):
             t = time.process_time()
             try: return f()
-            finally: guard.cpu += time.process_time()-t
+            finally: setattr(guard, k, getattr(guard, k)+time.process_time()-t)
         setattr(guard, n, g)
     return guard
 
 def inside(model='xresnet18', size=32, bs=64, repeats=3, epochs=1):
-    "CPU time spent inside the guard's events per training batch, against the CPU time of a fit without it"
+    "CPU time inside the guard's events: per training batch (against a fit's CPU time per batch without it) and per fit"
     dls = make_dls(bs=bs, size=size)
-    print("| config | guard CPU ms/batch | fit CPU ms/batch without guard | share |\n|---|---|---|---|")
+    print(f"{model}, {size}x{size}, bs {bs}, fit({epochs}) of {len(dls.train)} train batches an epoch, median of "
+          f"{repeats} interleaved repeats\n")
+    print("| config | guard CPU ms/batch (per-batch events) | fit CPU ms/batch without guard | share | "
+          "guard CPU ms/fit (per-fit events) | all events, share of this fit |\n|---|---|---|---|---|---|")
     for a in ('skip','rollback'):
         torch.manual_seed(0)
         m = resnet_digits() if model=='resnet_digits' else xresnet18(c_in=1, n_out=10)
         g = timed(ExplosionGuard(a, verbose=False))
         learn = Learner(dls, m, loss_func=CrossEntropyLossFlat(), cbs=g)
         with learn.no_bar(), learn.no_logging(): learn.fit(1, lr=1e-3)  # warm-up
-        gs,ts = [],[]
+        gs,fs,ts = [],[],[]
         for r in range(repeats):
-            g.cpu = 0.; learn.remove_cb(g)
+            learn.remove_cb(g)
             t = time.process_time()
             with learn.no_bar(), learn.no_logging(): learn.fit(epochs, lr=1e-3)
-            ts.append(time.process_time()-t); learn.add_cb(g)
+            ts.append(time.process_time()-t); learn.add_cb(g); g.cpu = g.fit_cpu = 0.
             with learn.no_bar(), learn.no_logging(): learn.fit(epochs, lr=1e-3)
-            gs.append(g.cpu)
+            gs.append(g.cpu); fs.append(g.fit_cpu)
         n = len(dls.train)*epochs
-        gm,tm = statistics.median(gs)/n*1e3,statistics.median(ts)/n*1e3
-        print(f"| guard '{a}' | {gm:.2f} | {tm:.1f} | {gm/tm*100:.2f}% |")
+        gm,fm,tm = statistics.median(gs)/n*1e3,statistics.median(fs)*1e3,statistics.median(ts)/n*1e3
+        print(f"| guard '{a}' | {gm:.2f} | {tm:.1f} | {gm/tm*100:.2f}% | {fm:.0f} | {(gm+fm/n)/tm*100:.2f}% |")
 
 @call_parse
 def main(repeats:int=5, # Interleaved repeats per configuration

@@ -184,7 +184,7 @@ def _trains(r):
     return ok and (r.get('accuracy') or 0)>=0.5
 
 def _jumps(r):
-    n = len(r.get('events', []))
+    n = r.get('n_events', len(r.get('events', [])))
     return f"; the guard flagged {n} gradient jump(s) and acted ({r['events'][0]['action']})" if n else ''
 
 

@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch._C import DisableTorchFunctionSubclass as _plain
 from fastcore.basics import patch, listify
 from fastai.learner import Learner
+from fastai.callback.core import Callback
 from .stats import act_types, compiled, kernel_path, _tensors, _kernels, _finish, ROW
 from .stats import _merge_rows, _add_hist, _INF
 from .distrib import ddp_modules
@@ -82,22 +83,42 @@ def _clear_inert(model):
     "Take off `model` the hooks that loaded inert (from a model pickled hooked): the next engine leaves none behind"
     for m in model.modules(): _drop_inert(m)
 
+_CB_CALL = Callback.__call__.__code__
+
+def _by_callback():
+    "Is the forward call running now made by a fastai callback's event, not by the batch itself (`_do_one_batch`)?"
+    f = sys._getframe(2)
+    while f is not None: # a few frames: the hook's caller, torch's `Module.__call__`, then the one who called the model
+        if f.f_code is _CB_CALL: return True
+        if f.f_code.co_name=='_do_one_batch': return False # the batch's forward pass, or what its loss function runs
+        f = f.f_back
+    return False # outside any learner's loop: a pass run by hand is recorded as asked
+
 class _Hook:
     "Forward hook `i` of `engine` (-1: the end of the model's forward pass)"
     def __init__(self, engine, i): self.e,self.i = engine,i
     def __call__(self, m, inp, out):
         e = self.e
-        if self.i>=0:
-            if e.active: e._hook(self.i, inp, out)
+        if self.i>=0: # after the model's pass, only what its loss function runs (a GAN's critic), not a callback's
+            if e.active and not (e._done and not e._aside and _by_callback()): e._hook(self.i, inp, out)
+            return
+        e._depth = max(e._depth-1, 0) # the model may call itself: only the outermost pass ends here
+        if e._depth: return
+        if e._paused: e._paused,e.active = False,True # a callback's pass ended: the batch's own is still to come
         elif out is None: e._drop() # the forward pass raised (an `always_call` hook): let go of its outputs
         elif e.active: e._end(); e._done = True
     def __reduce__(self): return _INERT # pickled (`torch.save(model)`): loads without this package
     def __deepcopy__(self, memo): return _DeadHook() # copied in the process: goes at its first call
 
 class _Again(_Hook):
-    "Forward pre-hook of the model: a second forward pass in the batch (a callback's probe batch) is not recorded"
+    "Forward pre-hook of the model: only the batch's own forward pass is recorded, not a callback's (a probe batch)"
     def __call__(self, m, inp):
-        if self.e._done: self.e.active = False
+        e = self.e; e._depth += 1
+        if e._depth>1: return # the model calling itself within its pass
+        if e._done: e.active = False # a second pass in the batch
+        elif not e.active or e._aside: return
+        elif _by_callback(): e.active,e._paused = False,True # until its end (`_Hook`)
+        elif e.order: e._restart() # the batch's pass begins: layers a callback ran alone before it do not count
 
 class _TracedHook(_Hook):
     "`_Hook` of a compiled model: traced into its graph as tensor ops (`_trace`), run as `_Hook` where it runs eagerly"
@@ -144,6 +165,7 @@ class StatsEngine:
     def __init__(self, model, modules=None, near_zero:float=1e-2):
         self.model,self.near_zero,self.handles,self.users,self._fin = model,near_zero,[],{},None
         self.check_inputs,self.key,self.active,self.hist_range = False,None,False,(-10.,10.,40)
+        self._aside = 0 # inside `aside`: passes the guard runs itself, from its callback, are recorded
         self.hist_by = {} # `hist_range` of each user that asks for histograms: they must agree
         self.direct_min,self.stage_rows = 1<<17,1<<12 # outputs above 128K elements skip the 4M-element staging buffer
         self.raw = self.rhist = self.stage = self.path = None # `path`: None (automatic), 'cpp', 'staged' or 'direct'
@@ -174,9 +196,12 @@ class StatsEngine:
     def _reset(self):
         self._wait = list(self._sets) # users none of whose modules ran yet this batch: see `_lead`
         self.order,self._stats,self._gn,self.do_hist,self._fresh,self._done = [],None,None,False,True,False
+        self._paused,self._depth = False,0 # a callback's pass of the model is running (see `_Again`); calls of it open
         self._pgn = None # this batch's gradient norms, shared by the users: see `param_grad_norms`
         if self._traced: self._tzero() # sums a compiled graph left that nobody read
         self._drop()
+    def _restart(self): # the batch's own forward pass begins: forget what was recorded before it, keep recording
+        h = self.do_hist; self._reset(); self.do_hist = h
     def _drop(self): # forget what is staged; `_dfr`: outputs whose copy waits for `_flush`, `_watch`: outputs watched
         self._lay,self._pos,self._dfr,self._watch = [],0,[],[]
     def _users_changed(self): # each user's set of module positions; the engine's own (all) when used directly
@@ -510,9 +535,10 @@ def aside(self:StatsEngine, key, check_inputs:bool=True):
     ts = [None if t is None else t.clone() for t in (self.raw, self.rhist)]
     st = (self.key, self.active, self.order, self._stats, self._gn, self.do_hist, self._fresh, self.check_inputs,
           self._done)
-    self.begin(key); self.check_inputs = check_inputs
+    self.begin(key); self.check_inputs = check_inputs; self._aside += 1
     try: yield self
     finally:
+        self._aside -= 1
         self.key,self.active,self.order,self._stats,self._gn,self.do_hist,self._fresh,self.check_inputs,self._done = st
         self._drop()
         if self._traced: self._tzero()

@@ -79,6 +79,7 @@ class ExplosionGuard(_Loops, Callback):
     "Check each training batch before its step; on trouble `action` is 'warn', 'skip', 'rollback' or 'stop'"
     # after fastai's MixedPrecision (order 10), written as a number: importing it adds ProgressCallback everywhere
     order,run_valid = 10.5,False
+    n_events = 0 # events recorded in all (`events` keeps the first and last 500); 0 for guards pickled before it
     __reduce_ex__ = pkg_reduce_ex # loading an export without this package says so
     _stateattrs = ('_engine','_held','_open','_nest','_on','_fit','_snaps','_base','_pend','_tune','_ran') # not pickled
     def __init__(self, action:str='skip', # What to do on an explosion: 'warn', 'skip', 'rollback' or 'stop'
@@ -166,6 +167,15 @@ class _Snapshots:
         v = torch.cat([(self.ok0 & ~_finite([ts.get(n, z) for n in self.names])).any().view(1), ~self.ok0]).tolist()
         ps = dict(m.named_parameters())
         return v[0],[n for n,b in zip(self.names, v[1:]) if b and n in ps]
+
+    def weights_ok(self):
+        "Are the parameters finite at the start of the fit finite still? One read: a callback may have written them"
+        if self.ok0 is None: return True
+        ps = dict(get_model(self.learn.model).named_parameters())
+        ix = [i for i,n in enumerate(self.names) if n in ps] # not the buffers: a bad batch's BatchNorm statistics
+        if not ix: return True
+        ok0 = self.ok0[_upload(ix, torch.long, self.ok0.device)]
+        return not bool((ok0 & ~_finite([ps[self.names[i]] for i in ix])).any())
 
     def take(self, dst=None):
         "Copy model and optimizer state into `dst` (buffers reused) and return it"
@@ -294,11 +304,11 @@ def _at(t, p):
     "`t[p]` for a one-element index tensor `p`, without the host read that indexing with a tensor does"
     return t.float().index_select(0, p) if t.dim() else t.float().view(1)
 
-def _first(m, o, val, thr, aux=None):
-    "Row `[flag, idx, pos, value, threshold, aux]` for the first True of `m` (modules `o` in forward order)"
-    p = m.int().argmax().view(1)
-    return torch.cat([m.any().float().view(1), _at(o, p), p.float(), _at(val, p), _at(thr, p),
-                      _at(aux, p) if aux is not None else val.new_zeros(1)])
+def _firsts(m, o, val, thr, aux):
+    "`[flag, idx, pos, value, threshold, aux]` of the first True in each row of `m` (modules `o` in forward order)"
+    p = m.int().argmax(1, keepdim=True) # all of `m`'s checks at once: a dozen ops, whatever their number
+    at = lambda t: t.float().gather(1, p)
+    return torch.cat([m.any(1, keepdim=True).float(), o.float()[p], p.float(), at(val), at(thr), at(aux)], 1)
 
 # %% ../nbs/06_guard.ipynb #d6aac87b
 def _loss_rows(l, lthr):
@@ -320,23 +330,25 @@ def _fwd_math(s, o, act, vcnt, athr, l, lthr, std_max:float, absmax_max:float, s
     "Forward rows (`_FWD`) from the engine's table `s` (modules `o` in forward order), the losses `l` and the baselines"
     lrow,srow,lm = _loss_rows(l, lthr)
     r = s[o]
-    std,amax = r[:,_STD],r[:,_AMAX]
-    out_bad,in_bad = (r[:,_NAN]+r[:,_INF])>0, r[:,_INB]>0
-    bad = _first(out_bad|in_bad, o, r[:,_NAN]+r[:,_INF], lm.new_full((), float('nan')), in_bad.float())
+    std,amax,nf = r[:,_STD],r[:,_AMAX],r[:,_NAN]+r[:,_INF]
+    out_bad,in_bad = nf>0,r[:,_INB]>0
     thr = athr[o]
     over,huge = std>std_max,amax>absmax_max
     ex = ~out_bad & (over | huge | (std>thr))
     z = std.new_zeros(()) # `torch.where` given a Python float keeps the value of its first compile: add it to a tensor
-    exr = _first(ex, o, torch.where(huge & ~over, amax, std),
-                 torch.where(over, z+std_max, torch.where(huge, z+absmax_max, thr)))
     a = act[o]
     ref = std_min*torch.where(a, std, 0.).nan_to_num(0., 0., 0.).cummax(0).values # the largest activation so far
     low = std<ref
     va = a & (low | (r[:,_ZERO]>dead_max))
     c = torch.where(va, vcnt[o]+1, 0.)
     if count: vcnt.index_copy_(0, o, c)
-    var = _first(c==patience, o, torch.where(low, std, r[:,_ZERO]), torch.where(low, ref, z+dead_max))
-    return torch.stack([bad, lrow, exr, var, srow]),s[:,_STD],lm
+    # the three module checks' rows: non-finite (in or out), exploding, vanishing (for `patience` batches)
+    rows = _firsts(torch.stack([out_bad|in_bad, ex, c==patience]), o,
+                   torch.stack([nf, torch.where(huge & ~over, amax, std), torch.where(low, std, r[:,_ZERO])]),
+                   torch.stack([z+float('nan')+std, torch.where(over, z+std_max, torch.where(huge, z+absmax_max, thr)),
+                                torch.where(low, ref, z+dead_max)]),
+                   torch.cat([in_bad.float()[None], std.new_zeros(2, len(std))]))
+    return torch.stack([rows[0], lrow, rows[1], rows[2], srow]),s[:,_STD],lm
 
 @patch
 def _fwd_checks(self:ExplosionGuard, loss, count=True):
@@ -431,7 +443,8 @@ def _start(self:ExplosionGuard):
     lrn = self.learn
     self._engine,self._held = StatsEngine.acquire(lrn, self, ddp_modules(lrn.model, self.modules)),None # see `hold`
     self._run(*((self._end,self._eend) if self._cont else (0,0))) # a later fit of the same `fine_tune`: events go on
-    if not self._cont: self.events,self.skipped,self._flights,self.bad_samples,self.stop_reason = [],[],[],[],None
+    if not self._cont: # a new run of events
+        self.events,self.skipped,self._flights,self.bad_samples,self.stop_reason,self.n_events = [],[],[],[],None,0
     self.lr_scale = 1.
     dev = next(lrn.model.parameters()).device
     self._fit = _FitState(self, list(lrn.model.named_parameters())) # all: a callback may unfreeze some in the fit
@@ -539,10 +552,10 @@ def _swapped(self:ExplosionGuard):
     "`learn.model` was replaced in the fit: watch the new model from here (a first snapshot, baselines), events kept"
     warnings.warn("ExplosionGuard: `learn.model` was replaced during the fit: the guard watches the new model from "
                   "this batch on, and a restore goes back no further than this batch")
-    kept = self.events,self.skipped,self._flights,self.bad_samples,self.stop_reason
+    kept = self.events,self.skipped,self._flights,self.bad_samples,self.stop_reason,self.n_events
     loop = self._off,self._eoff,self._cont,self._tune,self._fitted
     self.remove(); self._enter(); self._start() # `remove` puts back the lr and the loader; `_start` hooks anew
-    self.events,self.skipped,self._flights,self.bad_samples,self.stop_reason = kept
+    self.events,self.skipped,self._flights,self.bad_samples,self.stop_reason,self.n_events = kept
     self._off,self._eoff,self._cont,self._tune,self._fitted = loop
     if self.drop_bad_samples and self.bad_samples: self._drop(self.bad_samples)
 
@@ -649,10 +662,12 @@ def _act_on(self:ExplosionGuard, R):
     if k is None: return self._good()
     a,why = self._escalate()
     deep = a=='stop' or (a=='rollback' and f.badrun>0) # to the trusted snapshot, else to the state before this batch
+    wbad = a!='warn' and not deep and not snaps.weights_ok() # a callback before the guard wrote them (SAM's step)
+    if wbad: deep,why = True,'; '.join(o for o in (why, 'weights not finite before the step') if o)
     deep &= snaps.good is not None # none yet (lazy modules, no step taken): the state before this batch is the start
-    to = '' if a in ('warn','skip') else _where(snaps.good) if deep else 'the state before this batch'
+    to = _where(snaps.good) if deep else '' if a in ('warn','skip') else 'the state before this batch'
     if a=='rollback' and self.skip_batches: to += f', leaving out the next {self.skip_batches} batches'
-    blame = self._blame() if k in ('nonfinite_act','nonfinite_loss') and f.solo and not f.transient else {}
+    blame = self._blame() if k in ('nonfinite_act','nonfinite_loss') and f.solo and not f.transient and not wbad else {}
     self._record_row(k, R[k], f'{a} ({why})' if why else a, to, **blame)
     f.badrun += 1
     if a=='warn': return self._good(promote=False)
@@ -942,7 +957,7 @@ def _blame_msg(b):
     if b['samples'] is None: return f", samples at batch positions {b['positions']}"
     return f", samples {b['samples']}{' (left out from now on)' if b.get('dropped') else ''}"
 
-_FLIGHTS = 16
+_FLIGHTS,_EVENTS = 16,500 # flights kept: of the first and last 16 events; events: the first and last 500
 
 @patch
 def _record(self:ExplosionGuard, kind, layer, value, threshold, action, ranks=None, to='', **blame):
@@ -958,13 +973,23 @@ def _record(self:ExplosionGuard, kind, layer, value, threshold, action, ranks=No
     ev['message'] = (f"ExplosionGuard: {kind} at epoch {ev['epoch']} iter {ev['iter']} in {layer!r}{on} "
                      f"({ev['pass']} pass), "
                      f"value {value:.3g}{thr}{_blame_msg(blame)}: {action}{', back to '+to if to else ''}")
-    self.events.append(ev); self._flights.append(self._flight_now())
+    self.events.append(ev); self._flights.append(self._flight_now()); self.n_events += 1
     j = len(self._flights)-1-_FLIGHTS # the flights of the first and the last `_FLIGHTS` events are kept: bounded
     if j>=_FLIGHTS: self._flights[j] = False
+    if len(self.events)>2*_EVENTS: self._trim()
     log_event(self.learn, ev) # TensorBoard / W&B, when attached
     if self.verbose: self._log(ev['message'])
-    if action=='warn': warnings.warn(ev['message'], stacklevel=2)
+    if action=='warn' and self.n_events<=_EVENTS: warnings.warn(ev['message'], stacklevel=2)
+    if self.n_events==_EVENTS+1: warnings.warn(f"ExplosionGuard: over {_EVENTS} events: `events` keeps the first and "
+        f"the last {_EVENTS}, and 'warn' events are no longer Python warnings (see the log, `n_events`)", stacklevel=2)
     return ev
+
+@patch
+def _trim(self:ExplosionGuard):
+    "Drop the oldest event after the first `_EVENTS` that is not the first of its kind: the reports' verdicts stay"
+    seen = {e['kind'] for e in self.events[:_EVENTS]}
+    j = next(i for i,e in enumerate(self.events) if i>=_EVENTS and (e['kind'] in seen or seen.add(e['kind'])))
+    del self.events[j],self._flights[j]
 
 def _text_logger(learn):
     "`learn.logger` under any `CSVLogger` wrapping it, which would write a message as a row of values"
@@ -988,6 +1013,7 @@ def report(self:ExplosionGuard, plot:bool=False, # Also draw `plot_events`
     df = pd.DataFrame(self.events, columns=_EVCOLS)
     if show:
         print(df.to_string(index=False) if len(df) else 'ExplosionGuard: no events')
+        if self.n_events>len(df): print(f'{self.n_events} events in all: the first and the last {_EVENTS} are kept')
         esc = [e for e in self.events if 'escalated' in str(e['action'])]
         if esc: print(f"Escalated {len(esc)} time(s): {'; '.join(e['action'] for e in esc)}")
         sk = self.skipped

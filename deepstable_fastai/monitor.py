@@ -231,6 +231,11 @@ def _sample(self:ActivationMonitor, src):
 
 # %% ../nbs/05_monitor.ipynb #63f2cbf9
 @patch
+def after_loss(self:ActivationMonitor):
+    "End the batch's recording: a forward pass after the loss (a callback's probe in `after_step`) is not the batch's"
+    if self._rec: self._engine.end()
+
+@patch
 def before_step(self:ActivationMonitor):
     "Gradient norms; on update batches also weight norms and a copy of the sampled weights"
     if not (self._rec and self.grads): return

@@ -40,15 +40,16 @@ def _first_event(r, v):
 def headline(r:dict) -> str:
     "One line on what happened in run `r`"
     v,evs = run_verdict(r),r.get('events', [])
+    n = r.get('n_events', len(evs)) # the guard keeps the first and the last 500, and the first of each kind
     acc = r.get('accuracy')
     acc = f'{acc:.1%}' if acc is not None and math.isfinite(acc) else 'n/a'
     if v in ('exploded','vanishing'):
         e = _first_event(r, v)
         return (f"{v} at epoch {e.get('epoch')}, batch {e.get('iter')}: {e.get('kind')} in `{e.get('layer') or '?'}` "
-                f"({e.get('pass','')} pass), action {e.get('action')}; {len(evs)} event(s); accuracy {acc}")
+                f"({e.get('pass','')} pass), action {e.get('action')}; {n} event(s); accuracy {acc}")
     if not evs: return f"{v}: accuracy {acc}, no guard events"
     e = evs[0]
-    return (f"{v}: accuracy {acc}; {len(evs)} guard event(s) handled, the first {e.get('kind')} at epoch "
+    return (f"{v}: accuracy {acc}; {n} guard event(s) handled, the first {e.get('kind')} at epoch "
             f"{e.get('epoch')}, batch {e.get('iter')}, action {e.get('action')}")
 
 # %% ../nbs/10_report.ipynb #caab5189
@@ -71,7 +72,7 @@ def _row(r):
     acc = f'{acc:.1%}' if isinstance(acc, float) and math.isfinite(acc) else 'n/a'
     lr = f'{lr:.2g}' if isinstance(lr, float) else ''
     secs = f"{r['secs_per_epoch']:.1f}" if isinstance(r.get('secs_per_epoch'), float) else ''
-    cells = (r['name'], r['verdict'], acc, lr, r.get('depth',''), secs, len(r['events']), first)
+    cells = (r['name'], r['verdict'], acc, lr, r.get('depth',''), secs, r.get('n_events', len(r['events'])), first)
     return '| ' + ' | '.join(map(_cell, cells)) + ' |'
 
 def write_summary(out:Path, # report folder

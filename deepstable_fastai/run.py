@@ -141,7 +141,7 @@ def train_report(learn:Learner, # with an `ActivationMonitor` and an `ExplosionG
     if save: out.mkdir(parents=True, exist_ok=True)
     secs,hist,acc,fig = _fit(learn, epochs, lr, name, lines, ctx, out if save else None)
     evs = [dict(e) for e in g.events]
-    if not save: return dict(name=name, events=evs)
+    if not save: return dict(name=name, events=evs, n_events=g.n_events)
     figs = [*(figures or []), fig, *_run_plots(learn, out, name)]
     return dict(name=name, **info, epochs=epochs, lr=lr, accuracy=acc, secs_per_epoch=secs, history=hist,
-                finite_weights=_finite(learn.model), events=evs, figures=figs)
+                finite_weights=_finite(learn.model), events=evs, n_events=g.n_events, figures=figs)

@@ -579,6 +579,37 @@ def test_flights_kept_bounded():
     with pytest.raises(ValueError, match='`ev` must be'): g.flight(n)
     with pytest.raises(ValueError, match='`ev` must be'): g.flight(0.)
 
+def test_events_kept_bounded(monkeypatch, capsys):
+    "An event every batch keeps the first and the last `_EVENTS` events (and their flights); Python warnings stop there"
+    import deepstable_fastai.guard as G
+    monkeypatch.setattr(G, '_EVENTS', 6)
+    g = ExplosionGuard('warn', std_max=1e-3, verbose=False); learn = learner([g])
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter('always')
+        with learn.no_bar(), learn.no_logging(): learn.fit(2, 1e-3)
+    n = g.n_events; assert n > 20
+    assert len(g.events)==len(g._flights)==12
+    its = [e['train_iter'] for e in g.events]
+    assert its[:6]==list(range(6)) and its[-6:]==list(range(n-6, n)) # one event per batch here
+    assert [f is not False for f in g._flights]==[True]*12 # within the first or the last `_FLIGHTS`
+    assert len(g.flight(g.events[-1])) and len(g.flight(5))
+    msgs = [str(w.message) for w in ws if 'ExplosionGuard' in str(w.message)]
+    assert len(msgs)==7 and 'over 6 events' in msgs[-1]
+    g.report(); assert f'{n} events in all' in capsys.readouterr().out
+    fit(learn, 1, 1e-3) # a new fit starts a new count
+    assert g.n_events==len(learn.dls.train) and g.events[0]['train_iter']==0
+
+def test_events_kept_first_of_each_kind(monkeypatch):
+    "Past the cap, the first event of each kind stays, wherever it falls: a run's report still sees what happened"
+    import deepstable_fastai.guard as G
+    from deepstable_fastai.report import run_verdict
+    monkeypatch.setattr(G, '_EVENTS', 6)
+    g = ExplosionGuard('warn', std_max=1e-3, verbose=False); learn = learner([g])
+    fit(learn, 2, 1e-3, cbs=[nan_batch(20)]) # exploding activations every batch, a NaN batch in the middle
+    assert g.n_events>30 and len(g.events)<=2*6+len(G.KINDS)+2
+    assert next(e for e in g.events if e['kind'].startswith('nonfinite'))['train_iter']==20
+    assert run_verdict(dict(events=g.events, accuracy=1.))=='exploded'
+
 def test_plot_events_without_losses_and_after_skips(tmp_path):
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -701,3 +732,91 @@ def test_lazy_model_cancelled_first_step():
     g = ExplosionGuard('stop', verbose=False); learn = learner([g, Cancel()], model=m)
     fit(learn, 1, 1e-2, cbs=[nan_batch(0)])
     assert [e['kind'] for e in g.events]==['nonfinite_act'] and g.stop_reason is not None
+
+# ---- Callbacks that run the model themselves (a fifth sweep)
+
+class _Tag: t = 'own'
+
+class _Consistency(Callback):
+    "A target from an augmented copy of the batch, computed in `before_batch` (pseudo-labels, consistency training)"
+    def __init__(self, order=0): self.order = order
+    def before_batch(self):
+        if not self.training: return
+        with torch.no_grad(): _Tag.t = 'cb'; self.t = self.learn.model(self.xb[0]*10+3).argmax(1); _Tag.t = 'own'
+
+def _own_hook(learn, out, n=None):
+    "Record the absmax (and into `n` the size) of module '1''s output in the batch's own training passes into `out`"
+    def f(m, i, o):
+        if not (learn.training and _Tag.t=='own'): return
+        out.append(o.detach().abs().max().item())
+        if n is not None: n.append(o.numel())
+    return learn.model[1].register_forward_hook(f)
+
+@pytest.mark.parametrize('order', [0, 20])
+def test_callback_pass_before_the_batch_not_recorded(order):
+    "A callback's forward pass in `before_batch` (after the engine's `begin`) is neither recorded nor judged"
+    out = []
+    mon = ActivationMonitor(modules=['1']); learn = learner([mon, _Consistency(order)])
+    h = _own_hook(learn, out); fit(learn, 1, 1e-2); h.remove()
+    assert np.allclose(mon.values('absmax', '1').numpy(), out, rtol=1e-5) # the batch's own pass, not the callback's
+    class Fault(Callback): # module '1' of the batch's own pass x1e4 at batch 30
+        def before_fit(self):
+            f = lambda m,i,o: o*1e4 if self.training and self.train_iter==30 and _Tag.t=='own' else None
+            self.h = self.learn.model[1].register_forward_hook(f)
+        def after_fit(self): self.h.remove()
+    g = ExplosionGuard('skip', verbose=False); learn = learner([g, ActivationMonitor(), _Consistency(order), Fault()])
+    fit(learn, 2, 1e-2)
+    assert [(e['kind'], e['layer'], e['train_iter']) for e in g.events]==[('exploding_act', '1', 30)]
+
+@pytest.mark.parametrize('event', ['before_batch', 'after_pred', 'after_step'])
+def test_layer_probe_not_recorded(event):
+    "A layer a callback runs alone (a probe, a teacher sharing it) is not summed into the batch's record"
+    probe,out,n = torch.randn(8, 64)*100,[],[]
+    def run(self):
+        if self.training:
+            with torch.no_grad(): _Tag.t = 'cb'; self.learn.model[1](probe); _Tag.t = 'own'
+    mon = ActivationMonitor(modules=['1']); learn = learner([mon, type('Probe', (Callback,), {event: run})()])
+    h = _own_hook(learn, out, n); fit(learn, 1, 1e-2); h.remove()
+    assert np.allclose(mon.values('absmax', '1').numpy(), out, rtol=1e-5)
+    assert mon.buf[:mon.k, 0, -1].tolist()==n # the elements of the batch's pass alone
+
+def test_weights_written_before_the_guard():
+    "SAM-like: a callback before the guard steps the weights along NaN gradients; a skip goes back to the snapshot"
+    class SAM(Callback):
+        order = 5 # before the guard: it decides on SAM's gradients
+        def before_step(self):
+            ps = [p for p in self.learn.model.parameters() if p.grad is not None]
+            es = [p.grad*0.05/(torch.stack([q.grad.norm() for q in ps]).norm()+1e-12) for p in ps]
+            with torch.no_grad(): torch._foreach_add_(ps, es)
+            self.learn.opt.zero_grad()
+            self.learn.loss_func(self.learn.model(*self.xb), *self.yb).backward()
+            with torch.no_grad(): torch._foreach_sub_(ps, es)
+    g = ExplosionGuard('skip', verbose=False); learn = learner([g, SAM()])
+    fit(learn, 1, 1e-2, cbs=[nan_batch(5)])
+    assert all(p.isfinite().all() for p in learn.model.parameters())
+    e = g.events[0]
+    assert e['train_iter']==5 and 'weights not finite' in e['action'] and 'back to the start of the fit' in e['message']
+    assert len(g.events)==1 # no run of skips on NaN weights before an escalation
+    m = mlp(); m.unused = nn.Parameter(torch.full((3,), float('nan'))) # never finite: not the callback's doing
+    g = ExplosionGuard('skip', verbose=False); learn = learner([g], model=m)
+    fit(learn, 1, 1e-2, cbs=[nan_batch(5)])
+    assert [e['action'] for e in g.events]==['skip'] and 'back to' not in g.events[0]['message']
+
+class _Twin(nn.Module):
+    "Two views of the input through the same layer, the second by a call of the model itself"
+    def __init__(self): super().__init__(); self.f,self.enc,self.head = nn.Flatten(),nn.Linear(64, 32),nn.Linear(32, 10)
+    def forward(self, x, inner=False):
+        x = self.f(x)
+        if inner: return self.enc(x.flip(1))
+        return self.head(torch.relu(self.enc(x) + self(x, inner=True)))
+
+@pytest.mark.parametrize('cb', [False, True])
+def test_model_calling_itself_recorded_whole(cb):
+    "A model that calls itself in its forward pass: both calls are the batch's, also next to a callback's own pass"
+    mon,out = ActivationMonitor(),[]; learn = learner([mon]+([_Consistency()] if cb else []), model=_Twin())
+    h = learn.model.head.register_forward_hook(
+        lambda m,i,o: out.append(o.detach().abs().max().item()) if learn.training and _Tag.t=='own' else None)
+    fit(learn, 1, 1e-2); h.remove()
+    n = mon.buf[:mon.k,:,-1]
+    assert mon.names==['enc','head'] and (n[:,0]==2*64*32).all() and (n[:,1]==64*10).all()
+    assert np.allclose(mon.values('absmax', 'head').numpy(), out, rtol=1e-5) # the batch's own pass
