@@ -79,7 +79,7 @@ class ExplosionGuard(_Loops, Callback):
     "Check each training batch before its step; on trouble `action` is 'warn', 'skip', 'rollback' or 'stop'"
     # after fastai's MixedPrecision (order 10), written as a number: importing it adds ProgressCallback everywhere
     order,run_valid = 10.5,False
-    n_events = 0 # events recorded in all (`events` keeps the first and last 500); 0 for guards pickled before it
+    n_events = 0 # events recorded in all (`events` keeps some: see `_trim`); 0 for guards pickled before it
     __reduce_ex__ = pkg_reduce_ex # loading an export without this package says so
     _stateattrs = ('_engine','_held','_open','_nest','_on','_fit','_snaps','_base','_pend','_tune','_ran') # not pickled
     def __init__(self, action:str='skip', # What to do on an explosion: 'warn', 'skip', 'rollback' or 'stop'
@@ -169,7 +169,7 @@ class _Snapshots:
         return v[0],[n for n,b in zip(self.names, v[1:]) if b and n in ps]
 
     def weights_ok(self):
-        "Are the parameters finite at the start of the fit finite still? One read: a callback may have written them"
+        "Are the parameters that were finite at the fit's start finite still? A read: a callback may have written them"
         if self.ok0 is None: return True
         ps = dict(get_model(self.learn.model).named_parameters())
         ix = [i for i,n in enumerate(self.names) if n in ps] # not the buffers: a bad batch's BatchNorm statistics
@@ -981,7 +981,8 @@ def _record(self:ExplosionGuard, kind, layer, value, threshold, action, ranks=No
     if self.verbose: self._log(ev['message'])
     if action=='warn' and self.n_events<=_EVENTS: warnings.warn(ev['message'], stacklevel=2)
     if self.n_events==_EVENTS+1: warnings.warn(f"ExplosionGuard: over {_EVENTS} events: `events` keeps the first and "
-        f"the last {_EVENTS}, and 'warn' events are no longer Python warnings (see the log, `n_events`)", stacklevel=2)
+        f"the last {_EVENTS} and the first of each kind, and 'warn' events are no longer Python warnings (see the log, "
+        f"`n_events`)", stacklevel=2)
     return ev
 
 @patch
@@ -1013,7 +1014,8 @@ def report(self:ExplosionGuard, plot:bool=False, # Also draw `plot_events`
     df = pd.DataFrame(self.events, columns=_EVCOLS)
     if show:
         print(df.to_string(index=False) if len(df) else 'ExplosionGuard: no events')
-        if self.n_events>len(df): print(f'{self.n_events} events in all: the first and the last {_EVENTS} are kept')
+        if self.n_events>len(df): print(f'{self.n_events} events in all: the first and the last {_EVENTS} are kept, '
+                                       f'and the first of each kind')
         esc = [e for e in self.events if 'escalated' in str(e['action'])]
         if esc: print(f"Escalated {len(esc)} time(s): {'; '.join(e['action'] for e in esc)}")
         sk = self.skipped
