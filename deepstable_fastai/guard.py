@@ -163,19 +163,20 @@ class _Snapshots:
         "Read once: has a tensor finite at the start of the fit turned non-finite; the parameters never finite"
         if self.ok0 is None: return False,[]
         m = get_model(self.learn.model) # DDP may have been unwrapped since
-        ts,z = _named_floats(m),self.ok0.new_zeros(1, dtype=torch.float32) # by name: `self.mu = ...` replaces a buffer
-        v = torch.cat([(self.ok0 & ~_finite([ts.get(n, z) for n in self.names])).any().view(1), ~self.ok0]).tolist()
+        # by name: a module that rebinds a buffer (`self.mu = ...`) is followed
+        v = torch.cat([self._lost(_named_floats(m)).view(1), ~self.ok0]).tolist()
         ps = dict(m.named_parameters())
         return v[0],[n for n,b in zip(self.names, v[1:]) if b and n in ps]
 
+    def _lost(self, ts):
+        "On the device: has a tensor of `ts` (by name) that was finite at the start of the fit turned non-finite?"
+        z = self.ok0.new_zeros(1, dtype=torch.float32) # a name not in `ts`: not lost
+        return (self.ok0 & ~_finite([ts.get(n, z) for n in self.names])).any()
+
     def weights_ok(self):
         "Are the parameters that were finite at the fit's start finite still? A read: a callback may have written them"
-        if self.ok0 is None: return True
-        ps = dict(get_model(self.learn.model).named_parameters())
-        ix = [i for i,n in enumerate(self.names) if n in ps] # not the buffers: a bad batch's BatchNorm statistics
-        if not ix: return True
-        ok0 = self.ok0[_upload(ix, torch.long, self.ok0.device)]
-        return not bool((ok0 & ~_finite([ps[self.names[i]] for i in ix])).any())
+        # not the buffers: a bad batch's BatchNorm statistics, which `restore_bufs` puts back
+        return self.ok0 is None or not self._lost(dict(get_model(self.learn.model).named_parameters())).item()
 
     def take(self, dst=None):
         "Copy model and optimizer state into `dst` (buffers reused) and return it"
@@ -345,7 +346,8 @@ def _fwd_math(s, o, act, vcnt, athr, l, lthr, std_max:float, absmax_max:float, s
     # the three module checks' rows: non-finite (in or out), exploding, vanishing (for `patience` batches)
     rows = _firsts(torch.stack([out_bad|in_bad, ex, c==patience]), o,
                    torch.stack([nf, torch.where(huge & ~over, amax, std), torch.where(low, std, r[:,_ZERO])]),
-                   torch.stack([z+float('nan')+std, torch.where(over, z+std_max, torch.where(huge, z+absmax_max, thr)),
+                   torch.stack([torch.full_like(std, float('nan')),
+                                torch.where(over, z+std_max, torch.where(huge, z+absmax_max, thr)),
                                 torch.where(low, ref, z+dead_max)]),
                    torch.cat([in_bad.float()[None], std.new_zeros(2, len(std))]))
     return torch.stack([rows[0], lrow, rows[1], rows[2], srow]),s[:,_STD],lm
